@@ -1,0 +1,257 @@
+"""Cartesia Line agents over the Calls API WebSocket: the codec (pure) and the connection.
+
+Wire format: PROTOCOLS.md section 5. All frames are JSON text with base64 audio inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from gateway.events import (
+    AgentAudio,
+    AgentClear,
+    AgentCustom,
+    AgentDtmf,
+    AgentEvent,
+    AgentReady,
+    AgentTransfer,
+    AgentUnknown,
+    ProtocolError,
+)
+
+log = structlog.get_logger(__name__)
+
+# Agent audio arrives in chunks of 20-100 ms (a few KiB of base64 at PCM 44.1 kHz); a frame
+# near 1 MiB is a broken peer. websockets enforces this before the frame is buffered.
+MAX_FRAME_BYTES = 1024 * 1024
+# websockets holds at most this many unread frames before it stops reading the socket, so a
+# stalled bridge pushes back on the agent instead of growing memory (16 x 1 MiB worst case).
+MAX_QUEUED_FRAMES = 16
+# The server closes after 180 s without a client message; a ping every 60 s keeps a silent
+# call alive with room to spare, and a dead peer is noticed after a missed pong (30 s).
+PING_INTERVAL_S = 60.0
+PING_TIMEOUT_S = 30.0
+# Bounds on bringing the agent up: TCP + TLS + upgrade, then the `ack` to our `start`.
+OPEN_TIMEOUT_S = 10.0
+ACK_TIMEOUT_S = 10.0
+# When we close, how long to wait for the agent's close frame before dropping the TCP socket.
+CLOSE_TIMEOUT_S = 2.0
+AGENT_END_REASON = "call ended by agent"
+
+
+class AgentUnavailable(RuntimeError):
+    """The agent could not be reached, refused the call, or did not acknowledge `start`."""
+
+
+# Codec
+
+
+def agent_url(base_url: str, agent_id: str) -> str:
+    return f"{base_url.rstrip('/')}/agents/stream/{agent_id}"
+
+
+def start_frame(
+    *,
+    stream_id: str,
+    input_format: str,
+    metadata: Mapping[str, Any],
+    agent: Mapping[str, Any] | None = None,
+) -> str:
+    frame: dict[str, Any] = {
+        "event": "start",
+        "stream_id": stream_id,
+        "config": {"input_format": input_format},
+        "metadata": dict(metadata),
+    }
+    if agent:
+        frame["agent"] = dict(agent)
+    return orjson.dumps(frame).decode()
+
+
+def media_input_frame(stream_id: str, payload_b64: str) -> str:
+    # Hand-built: this runs for every 20 ms of caller audio, and neither part needs escaping
+    # (stream_id is ours, the payload is base64 checked by the carrier codec).
+    return f'{{"event":"media_input","stream_id":"{stream_id}","media":{{"payload":"{payload_b64}"}}}}'
+
+
+def dtmf_frame(stream_id: str, digit: str) -> str:
+    return orjson.dumps({"event": "dtmf", "stream_id": stream_id, "dtmf": digit}).decode()
+
+
+def custom_frame(stream_id: str, metadata: Mapping[str, Any]) -> str:
+    return orjson.dumps({"event": "custom", "stream_id": stream_id, "metadata": metadata}).decode()
+
+
+def _transfer_target(frame: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    # Field names of `transfer_call` are unconfirmed (PROTOCOLS.md): accept them at the top
+    # level or under `transfer`, as a phone number or a SIP URI.
+    nested = frame.get("transfer")
+    details: dict[str, Any] = dict(nested) if isinstance(nested, dict) else {}
+    for source in (details, frame):
+        for key in ("target_phone_number", "phone_number", "sip_uri", "target", "to"):
+            value = source.get(key)
+            if isinstance(value, str) and value.strip():
+                return value.strip(), details
+    return "", details
+
+
+def parse_frame(text: str | bytes) -> AgentEvent:
+    """Decode one frame from the agent; ProtocolError for anything malformed."""
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"invalid JSON: {exc}") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError("frame must be a JSON object")
+    event = frame.get("event")
+    if event == "media_output":
+        media = frame.get("media")
+        payload = media.get("payload") if isinstance(media, dict) else None
+        if not isinstance(payload, str):
+            raise ProtocolError("media_output.media.payload must be a string")
+        return AgentAudio(payload)
+    if event == "clear":
+        return AgentClear()
+    if event == "dtmf":
+        digit = frame.get("dtmf")
+        if not isinstance(digit, str) or not digit:
+            raise ProtocolError("dtmf.dtmf must be a non-empty string")
+        return AgentDtmf(digit)
+    if event == "ack":
+        stream_id = frame.get("stream_id")
+        return AgentReady(stream_id if isinstance(stream_id, str) else "")
+    if event == "custom":
+        metadata = frame.get("metadata")
+        return AgentCustom(metadata if isinstance(metadata, dict) else {})
+    if event == "transfer_call":
+        target, details = _transfer_target(frame)
+        return AgentTransfer(target, details)
+    if not isinstance(event, str):
+        raise ProtocolError("'event' must be a string")
+    return AgentUnknown(event)
+
+
+def decode_payload(payload_b64: str) -> bytes:
+    try:
+        return binascii.a2b_base64(payload_b64, strict_mode=True)
+    except binascii.Error as exc:
+        raise ProtocolError(f"audio payload is not base64: {exc}") from None
+
+
+def ended_by_agent(code: int | None, reason: str | None) -> bool:
+    """Close 1000 `call ended by agent[, reason: ...]`: the agent hung up on purpose."""
+    return code == 1000 and (reason or "").startswith(AGENT_END_REASON)
+
+
+# Connection
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    base_url: str
+    api_key: str
+    version: str
+    input_format: str = "mulaw_8000"
+
+
+class CartesiaAgent:
+    """One call's agent socket: open with `start`/`ack`, then send and receive events."""
+
+    def __init__(self, ws: ClientConnection, stream_id: str) -> None:
+        self._ws = ws
+        self.stream_id = stream_id
+
+    @classmethod
+    async def open(
+        cls,
+        config: AgentConfig,
+        agent_id: str,
+        *,
+        stream_id: str,
+        metadata: Mapping[str, Any],
+    ) -> CartesiaAgent:
+        url = agent_url(config.base_url, agent_id)
+        headers = {"Cartesia-Version": config.version}
+        if config.api_key:
+            headers["X-API-Key"] = config.api_key
+        try:
+            ws = await connect(
+                url,
+                additional_headers=headers,
+                open_timeout=OPEN_TIMEOUT_S,
+                ping_interval=PING_INTERVAL_S,
+                ping_timeout=PING_TIMEOUT_S,
+                close_timeout=CLOSE_TIMEOUT_S,
+                max_size=MAX_FRAME_BYTES,
+                max_queue=MAX_QUEUED_FRAMES,
+                compression=None,  # base64 audio does not compress; save the CPU
+                proxy=None,
+            )
+        except InvalidStatus as exc:
+            raise AgentUnavailable(f"agent refused the socket: HTTP {exc.response.status_code}") from None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise AgentUnavailable(f"agent unreachable: {type(exc).__name__}: {exc}") from None
+        agent = cls(ws, stream_id)
+        try:
+            await ws.send(
+                start_frame(stream_id=stream_id, input_format=config.input_format, metadata=metadata)
+            )
+            async with asyncio.timeout(ACK_TIMEOUT_S):
+                while True:
+                    event = parse_frame(await ws.recv())
+                    if isinstance(event, AgentReady):
+                        if event.stream_id:
+                            agent.stream_id = event.stream_id
+                        return agent
+                    log.warning("agent_event_before_ack", event=type(event).__name__)
+        except TimeoutError:
+            await agent.close(1011, "no ack")
+            raise AgentUnavailable(f"agent sent no ack within {ACK_TIMEOUT_S:g} s") from None
+        except ConnectionClosed as exc:
+            raise AgentUnavailable(f"agent closed before ack: {exc.rcvd}") from None
+        except ProtocolError as exc:
+            await agent.close(1002, "protocol error")
+            raise AgentUnavailable(f"agent sent a malformed frame before ack: {exc}") from None
+
+    async def events(self) -> AsyncIterator[AgentEvent | ProtocolError]:
+        """Frames from the agent until it closes. Malformed frames come as ProtocolError values."""
+        try:
+            async for text in self._ws:
+                try:
+                    yield parse_frame(text)
+                except ProtocolError as exc:
+                    yield exc
+        except ConnectionClosed:
+            return
+
+    @property
+    def close_code(self) -> int | None:
+        return self._ws.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._ws.close_reason
+
+    async def _send(self, text: str) -> None:
+        # A closed socket is the downlink's to notice and to decide what it means for the call.
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(text)
+
+    async def send_audio(self, payload_b64: str) -> None:
+        await self._send(media_input_frame(self.stream_id, payload_b64))
+
+    async def send_dtmf(self, digit: str) -> None:
+        await self._send(dtmf_frame(self.stream_id, digit))
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self._ws.close(code, reason)

@@ -1,0 +1,332 @@
+"""The Starlette app: routes, lifespan, shared clients. Handlers are thin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from gateway import control
+from gateway.agents.cartesia import AgentConfig, CartesiaAgent
+from gateway.carriers import twilio
+from gateway.carriers.twilio_media import TwilioMediaLeg, wait_for_start
+from gateway.carriers.twilio_rest import TwilioCalls
+from gateway.metrics import Metrics
+from gateway.registry import CallRecord, MemoryRegistry, SessionRegistry, digest, new_secret
+from gateway.registry.base import LIVE_TTL_S
+from gateway.session import ActionRefused, EndCall, Session, State, TransferPlan
+from gateway.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Twilio's webhooks are a few KiB of form fields; anything far larger is not Twilio.
+MAX_WEBHOOK_BYTES = 64 * 1024
+FINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+TWIML = "application/xml"
+
+
+class Gateway:
+    """What the handlers share: settings, registry, REST client and this instance's calls."""
+
+    def __init__(self, settings: Settings, registry: SessionRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or self._registry_from(settings)
+        self.signatures = twilio.SignatureChecker(
+            settings.twilio_auth_token, settings.twilio_validate_signatures
+        )
+        self.policy = control.TransferPolicy(
+            settings.transfer_to, settings.transfer_allow, settings.transfer_caller_id
+        )
+        self.agent_config = AgentConfig(
+            settings.cartesia_url, settings.cartesia_api_key, settings.cartesia_version
+        )
+        self.calls: TwilioCalls | None = None
+        self.sessions: dict[str, Session] = {}
+        self.metrics = Metrics()
+        self.draining = False
+
+    @staticmethod
+    def _registry_from(settings: Settings) -> SessionRegistry:
+        if settings.redis_url:
+            from gateway.registry.redis import RedisRegistry
+
+            return RedisRegistry(settings.redis_url)
+        return MemoryRegistry()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        s = self.settings
+        self.calls = TwilioCalls(s.twilio_account_sid, s.twilio_auth_token, s.twilio_api_base)
+        if not s.twilio_validate_signatures:
+            log.warning("twilio_signature_checks_disabled", hint="never do this in production")
+        await self.registry.start(self.handle_routed)
+        log.info(
+            "gateway_started",
+            instance=self.registry.instance_id,
+            registry=type(self.registry).__name__,
+            public_url=s.public_url,
+        )
+        try:
+            yield
+        finally:
+            self.draining = True
+            for session in list(self.sessions.values()):
+                with contextlib.suppress(ActionRefused):
+                    session.submit(EndCall("gateway shutting down"))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    while self.sessions:  # noqa: ASYNC110 (sessions end on their own)
+                        await asyncio.sleep(0.05)
+            await self.registry.close()
+            await self.calls.close()
+            log.info("gateway_stopped")
+
+    def url(self, path: str, query: str = "") -> str:
+        return f"{self.settings.public_url}{path}" + (f"?{query}" if query else "")
+
+    def control_url(self, token: str) -> str:
+        return self.url(f"/control/{token}")
+
+    # Twilio webhooks
+
+    async def _signed_form(self, request: Request) -> Mapping[str, str] | Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_WEBHOOK_BYTES):
+            return PlainTextResponse("request too large\n", status_code=413)
+        form = await request.form(max_files=0, max_fields=500)
+        params = {k: v for k, v in form.items() if isinstance(v, str)}
+        url = self.url(request.url.path, request.url.query)
+        if not self.signatures.valid(url, params, request.headers.get("x-twilio-signature")):
+            log.warning("twilio_signature_rejected", path=request.url.path)
+            return PlainTextResponse("invalid Twilio signature\n", status_code=403)
+        return params
+
+    async def voice(self, request: Request) -> Response:
+        form = await self._signed_form(request)
+        if isinstance(form, Response):
+            return form
+        call_sid = form.get("CallSid", "")
+        if not call_sid:
+            return PlainTextResponse("CallSid is required\n", status_code=400)
+        bound = log.bind(call_sid=call_sid)
+        agent_id = request.query_params.get("agent") or self.settings.cartesia_agent_id
+        if not agent_id or self.draining:
+            bound.error("call_refused", reason="no agent configured" if not agent_id else "draining")
+            return Response(twilio.hangup_twiml(), media_type=TWIML)
+        token = new_secret()
+        sip_headers = {k[len("SipHeader_") :]: v for k, v in form.items() if k.startswith("SipHeader_")}
+        record = CallRecord(
+            call_sid=call_sid,
+            owner=self.registry.instance_id,
+            state=State.RINGING,
+            from_=form.get("From", ""),
+            to=form.get("To", ""),
+            agent_id=agent_id,
+            direction=form.get("Direction", "inbound"),
+            token_hash=digest(token),
+            account_sid=form.get("AccountSid", ""),
+            sip_headers=sip_headers,
+        )
+        await self.registry.put(record)
+        self.metrics.calls_answered += 1
+        bound.info("call_state", state=State.RINGING, agent_id=agent_id, direction=record.direction)
+        twiml = twilio.connect_stream_twiml(twilio.stream_url(self.settings.public_url), {"session": token})
+        return Response(twiml, media_type=TWIML)
+
+    async def status(self, request: Request) -> Response:
+        form = await self._signed_form(request)
+        if isinstance(form, Response):
+            return form
+        call_sid, call_status = form.get("CallSid", ""), form.get("CallStatus", "")
+        if call_sid and call_status in FINAL_CALL_STATUSES:
+            log.info("call_status_final", call_sid=call_sid, status=call_status)
+            session = self.sessions.get(call_sid)
+            if session is not None:
+                session.carrier_ended(call_status)
+            else:
+                await self.registry.delete(call_sid)
+        return Response(status_code=204)
+
+    # Media
+
+    async def media(self, ws: WebSocket) -> None:
+        stream_url = twilio.stream_url(self.settings.public_url)
+        if not self.signatures.valid(stream_url, {}, ws.headers.get("x-twilio-signature")):
+            log.warning("twilio_signature_rejected", path="/twilio/media")
+            await ws.close(1008)  # before accept: the client sees an HTTP 403
+            return
+        await ws.accept()
+        start = await wait_for_start(ws)
+        if start is None:
+            await ws.close(1008, "no start")
+            return
+        bound = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
+        record = await self.registry.get(start.call_sid)
+        token = start.parameters.get("session", "")
+        if record is None or digest(token) != record.token_hash:
+            bound.warning("media_session_rejected", known_call=record is not None)
+            await ws.close(1008, "unknown session")
+            return
+        leg = TwilioMediaLeg(ws, start.stream_sid)
+        existing = self.sessions.get(start.call_sid)
+        if existing is not None and not existing.done:
+            await existing.adopt(leg)
+            await existing.wait()
+            return
+        record.owner = self.registry.instance_id
+        record.state = State.RINGING
+        await self.registry.put(record, LIVE_TTL_S)
+        session = Session(
+            record,
+            registry=self.registry,
+            control=self.calls,  # type: ignore[arg-type]
+            open_agent=lambda rec: self._open_agent(rec, token),
+            plan_transfer=lambda rec, fields: control.plan_transfer(rec, fields, self.policy),
+            output_format=self.settings.cartesia_output_format,
+            end_call_drain_s=self.settings.end_call_drain_s,
+        )
+        self.sessions[start.call_sid] = session
+        self.metrics.calls_active += 1
+        try:
+            await session.run(leg)
+        finally:
+            self.metrics.calls_active -= 1
+            if self.sessions.get(start.call_sid) is session:
+                del self.sessions[start.call_sid]
+
+    async def _open_agent(self, record: CallRecord, token: str) -> CartesiaAgent:
+        control_url = self.control_url(token)
+        metadata: dict[str, Any] = {
+            **record.metadata,
+            "from": record.from_,
+            "to": record.to,
+            "call_sid": record.call_sid,
+            "direction": record.direction,
+            "control_url": control_url,
+            "vox_session_control_url": control_url,
+        }
+        if record.sip_headers:
+            metadata["sip_headers"] = record.sip_headers
+        return await CartesiaAgent.open(
+            self.agent_config, record.agent_id, stream_id=record.call_sid, metadata=metadata
+        )
+
+    # Control
+
+    async def control(self, request: Request) -> Response:
+        token_hash = digest(request.path_params["token"])
+        try:
+            record = await self.registry.by_token(token_hash)
+            if record is None or record.state in State.FINAL:
+                raise control.error(404, "not_found", "unknown or expired control URL")
+            if not await self.registry.hit(f"rate:{token_hash}", control.RATE_LIMIT, control.RATE_WINDOW_S):
+                raise control.error(429, "rate_limited", "too many requests for this call; slow down")
+            if request.method == "GET":
+                session = self.sessions.get(record.call_sid)
+                return JSONResponse(session.snapshot() if session else record.public())
+            payload = control.parse_body(await _read_bounded(request, control.MAX_BODY_BYTES))
+            action = control.build_action(record, payload, self.policy)
+            body = await self._execute(record, payload, action)
+        except ActionRefused as exc:
+            self.metrics.control(exc.status)
+            return Response(control.dumps(control.error_body(exc)), exc.status, media_type="application/json")
+        self.metrics.control(200)
+        log.info("control_accepted", call_sid=record.call_sid, action=body.get("action"))
+        return Response(control.dumps(body), media_type="application/json")
+
+    async def _execute(self, record: CallRecord, payload: dict[str, Any], action: Any) -> dict[str, Any]:
+        session = self.sessions.get(record.call_sid)
+        if session is not None:
+            session.submit(action)
+            return control.ok_body(action, record.call_sid)
+        if record.owner != self.registry.instance_id and await self.registry.owner_alive(record.owner):
+            reply = await self.registry.route(record.owner, {"call_sid": record.call_sid, "payload": payload})
+            if reply is None:
+                raise control.error(503, "owner_unavailable", "the instance holding the call did not answer")
+            if reply.get("status") != 200:
+                err = reply.get("body", {}).get("error", {})
+                raise control.error(
+                    reply.get("status", 500), err.get("code", "error"), err.get("message", "")
+                )
+            return reply["body"]
+        return await self._act_without_owner(record, action)
+
+    async def _act_without_owner(self, record: CallRecord, action: Any) -> dict[str, Any]:
+        """The owner is gone: do what the REST API can do alone (hang up, transfer)."""
+        assert self.calls is not None
+        bound = log.bind(call_sid=record.call_sid)
+        if isinstance(action, TransferPlan):
+            await self.registry.set_state(record.call_sid, State.TRANSFERRING)
+            await self.calls.transfer(record.call_sid, action)
+            bound.info("orphan_call_transferred", target=action.target)
+        elif isinstance(action, EndCall):
+            await self.calls.hangup(record.call_sid)
+            bound.info("orphan_call_hung_up")
+        else:
+            raise control.error(503, "owner_unavailable", "the call's media is on an instance that is gone")
+        await self.registry.delete(record.call_sid)
+        return control.ok_body(action, record.call_sid)
+
+    async def handle_routed(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A control request another instance forwarded to us, the call's owner."""
+        session = self.sessions.get(request.get("call_sid", ""))
+        try:
+            if session is None:
+                raise control.error(404, "not_found", "unknown or expired control URL")
+            action = control.build_action(session.record, request.get("payload", {}), self.policy)
+            session.submit(action)
+        except ActionRefused as exc:
+            return {"status": exc.status, "body": control.error_body(exc)}
+        return {"status": 200, "body": control.ok_body(action, session.call_sid)}
+
+    # Platform
+
+    async def healthz(self, _request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def readyz(self, _request: Request) -> Response:
+        ready = not self.draining and await self.registry.ready()
+        return JSONResponse({"ok": ready, "draining": self.draining}, status_code=200 if ready else 503)
+
+    async def metrics_endpoint(self, _request: Request) -> Response:
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _read_bounded(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (not after reading it all)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise control.error(413, "body_too_large", f"the body is over {limit // 1024} KiB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise control.error(413, "body_too_large", f"the body is over {limit // 1024} KiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(settings: Settings | None = None, registry: SessionRegistry | None = None) -> Starlette:
+    gateway = Gateway(settings or Settings.from_env(), registry)
+    app = Starlette(
+        routes=[
+            Route("/twilio/voice", gateway.voice, methods=["POST"]),
+            Route("/twilio/status", gateway.status, methods=["POST"]),
+            WebSocketRoute("/twilio/media", gateway.media),
+            Route("/control/{token}", gateway.control, methods=["GET", "POST"]),
+            Route("/healthz", gateway.healthz, methods=["GET"]),
+            Route("/readyz", gateway.readyz, methods=["GET"]),
+            Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
+        ],
+        lifespan=gateway.lifespan,
+    )
+    app.state.gateway = gateway
+    return app

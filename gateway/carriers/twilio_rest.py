@@ -1,0 +1,95 @@
+"""Twilio REST call control (hang up, redirect), through the twilio package's async client."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import structlog
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.rest import Client
+
+from gateway.carriers.twilio import dial_twiml
+
+if TYPE_CHECKING:
+    from gateway.session import TransferPlan
+
+log = structlog.get_logger(__name__)
+
+TWILIO_ORIGIN = "https://api.twilio.com"
+# Codes that mean the call is already over: hanging it up again is done, not an error.
+CALL_GONE_CODES = frozenset({20404, 21220})
+# 20429: too many concurrent requests. Retried with backoff, like a 5xx, at most this often;
+# a REST call is on the path of a hang-up or a transfer, so the whole thing stays within seconds.
+MAX_ATTEMPTS = 4
+BACKOFF_S = (0.25, 0.5, 1.0)
+REQUEST_TIMEOUT_S = 10.0
+
+
+class TwilioRestError(RuntimeError):
+    """Twilio refused a call-control request; the message carries Twilio's code."""
+
+
+class _RebasedHttpClient(AsyncTwilioHttpClient):
+    """Sends every request to `api_base` instead of api.twilio.com (TWILIO_API_BASE)."""
+
+    def __init__(self, api_base: str) -> None:
+        super().__init__(timeout=REQUEST_TIMEOUT_S)
+        self._api_base = api_base.rstrip("/")
+
+    async def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        if self._api_base != TWILIO_ORIGIN and url.startswith(TWILIO_ORIGIN):
+            url = self._api_base + url[len(TWILIO_ORIGIN) :]
+        return await super().request(method, url, *args, **kwargs)
+
+
+class TwilioCalls:
+    """Call control for live calls. One per process, opened and closed in the app lifespan."""
+
+    def __init__(self, account_sid: str, auth_token: str, api_base: str = TWILIO_ORIGIN) -> None:
+        self._http = _RebasedHttpClient(api_base)
+        self._client = Client(account_sid or "AC_unset", auth_token or "unset", http_client=self._http)
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def hangup(self, call_sid: str) -> bool:
+        """Hang the call up. True if this request ended it, False if it was already over."""
+        try:
+            await self._update(call_sid, status="completed")
+        except TwilioRestException as exc:
+            if exc.code in CALL_GONE_CODES:
+                log.info("hangup_call_already_gone", call_sid=call_sid, twilio_code=exc.code)
+                return False
+            raise TwilioRestError(f"hang-up refused: HTTP {exc.status} code {exc.code}") from None
+        return True
+
+    async def redirect(self, call_sid: str, twiml: str) -> None:
+        """Replace the call's TwiML (ends the media stream; used for transfers)."""
+        try:
+            await self._update(call_sid, twiml=twiml)
+        except TwilioRestException as exc:
+            raise TwilioRestError(f"call update refused: HTTP {exc.status} code {exc.code}") from None
+
+    async def transfer(self, call_sid: str, plan: TransferPlan) -> None:
+        """Blind transfer: dial the destination and bridge the caller to it."""
+        twiml = dial_twiml(plan.target, plan.caller_id, headers=plan.headers)
+        await self.redirect(call_sid, twiml)
+
+    async def _update(self, call_sid: str, **fields: Any) -> None:
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                await self._client.calls(call_sid).update_async(**fields)
+                return
+            except TwilioRestException as exc:
+                retryable = exc.code == 20429 or exc.status >= 500
+                if not retryable or attempt == MAX_ATTEMPTS - 1:
+                    raise
+                log.warning("twilio_rest_retry", call_sid=call_sid, status=exc.status, code=exc.code)
+            except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise TwilioRestError(f"Twilio unreachable: {type(exc).__name__}") from None
+                log.warning("twilio_rest_retry", call_sid=call_sid, error=type(exc).__name__)
+            await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])

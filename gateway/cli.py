@@ -1,0 +1,129 @@
+"""`line-gateway serve | simulate | doctor`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+from gateway.settings import Settings, SettingsError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway import logging as gateway_logging
+    from gateway.app import create_app
+    from gateway.sandbox.servers import uvicorn_config
+
+    settings = Settings.from_env()
+    gateway_logging.configure(settings.log_level, settings.log_format, settings.secrets)
+    port = args.port or settings.port
+    extra = {"loop": "uvloop", "http": "httptools"} if _has("uvloop") and _has("httptools") else {}
+    uvicorn.Server(uvicorn_config(create_app(settings), args.host, port, **extra)).run()
+    return 0
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from gateway import logging as gateway_logging
+
+    gateway_logging.configure("warning" if not args.verbose else "info", "console")
+    return asyncio.run(_simulate_call(args))
+
+
+async def _simulate_call(args: argparse.Namespace) -> int:
+    from gateway.audio import pcm16_to_ulaw, tone_pcm16
+    from gateway.sandbox.agent import AgentBehaviour
+    from gateway.sandbox.caller import CallScript
+    from gateway.sandbox.harness import sandbox
+
+    behaviour = AgentBehaviour(output_format=args.output_format, greeting_s=2.0)
+    # The caller talks over the greeting (barge-in), asks the agent for DTMF with '*',
+    # then presses '#', on which the agent says goodbye and ends the call.
+    voice = pcm16_to_ulaw(tone_pcm16(300.0, 0.6, 8000, amplitude=0.5))
+    script = CallScript(audio=voice, speak_at=1.0, dtmf=[(2.5, "*"), (4.5, "#")], max_s=20.0)
+    async with sandbox(behaviour) as box:
+        call = await box.connect_call()
+        await call.run(script)
+        agent_call = await box.agent.wait_for_call()
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+        hangups = box.rest.hangups(call.call_sid)
+    out = Path(args.output or Path(tempfile.gettempdir()) / f"line-gateway-{call.call_sid}.wav")
+    call.write_wav(out)
+    print(f"Simulated call {call.call_sid} (agent output {args.output_format})\n")
+    for at, what in call.timeline:
+        print(f"  {at:6.2f} s  {what}")
+    print()
+    print(f"  agent received {len(agent_call.audio_in)} bytes of caller audio, digits {agent_call.dtmf_in}")
+    print(f"  caller heard {len(call.heard) / 8000:.2f} s; clears {call.clears}")
+    print(f"  marks echoed {len(call.marks_echoed)}")
+    print(f"  Twilio REST hang-ups recorded: {len(hangups)}")
+    print(f"  recording of what the caller heard: {out}")
+    ok = bool(hangups) and call.first_audio_at is not None and not call.protocol_errors
+    if not ok:
+        print("simulation FAILED", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _doctor(_args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}")
+        return 1
+    problems = []
+    if not settings.twilio_account_sid or not settings.twilio_auth_token:
+        problems.append("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for hang-ups and signatures")
+    if not settings.cartesia_api_key:
+        problems.append("CARTESIA_API_KEY is not set")
+    if not settings.cartesia_agent_id:
+        problems.append("CARTESIA_AGENT_ID is not set: every number's Voice URL must carry ?agent=")
+    if settings.public_url.startswith("http://127.0.0.1"):
+        problems.append("PUBLIC_URL is not set: Twilio cannot reach 127.0.0.1")
+    if not settings.twilio_validate_signatures:
+        problems.append("TWILIO_VALIDATE_SIGNATURES=false: anyone can post calls to this gateway")
+    print(f"voice URL:  {settings.public_url}/twilio/voice")
+    print(f"status URL: {settings.public_url}/twilio/status")
+    print(f"registry:   {'redis' if settings.redis_url else 'embedded (one instance)'}")
+    for problem in problems:
+        print(f"warning: {problem}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="line-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=0, help="default: $PORT or 8080")
+    serve.set_defaults(run=_serve)
+    simulate = sub.add_parser("simulate", help="run a whole call locally: no credentials, no network")
+    simulate.add_argument(
+        "--output-format",
+        default="pcm_24000",
+        choices=["mulaw_8000", "pcm_16000", "pcm_24000", "pcm_44100"],
+        help="the sandbox agent's audio format",
+    )
+    simulate.add_argument("--output", help="where to write the caller's recording (WAV)")
+    simulate.add_argument("--verbose", action="store_true", help="show the gateway's logs")
+    simulate.set_defaults(run=_simulate)
+    doctor = sub.add_parser("doctor", help="check the settings in the environment")
+    doctor.set_defaults(run=_doctor)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

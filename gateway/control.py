@@ -1,0 +1,200 @@
+"""The control API: parse, authorise, route and execute an agent's action on its call.
+
+Contract: DESIGN.md "Control API". When several errors apply, the first in this order wins:
+404, 429, 413, 400, 422, 403, 409 (then 503 from routing).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.registry.base import CallRecord
+from gateway.session import ActionRefused, EndCall, SendDtmf, TransferPlan
+
+MAX_BODY_BYTES = 16 * 1024
+RATE_LIMIT = 20  # requests per token ...
+RATE_WINDOW_S = 10.0  # ... in any window this long
+MAX_DTMF_DIGITS = 64
+MAX_SUMMARY_CHARS = 2000
+MAX_SIP_HEADER_BYTES = 1024  # Twilio refuses custom SIP headers past 1 KB in total
+
+ACTIONS = {
+    "end_call": "end_call",
+    "hangup": "end_call",
+    "call_transfer": "call_transfer",
+    "transfer_call": "call_transfer",
+    "transfer": "call_transfer",
+    "send_dtmf": "send_dtmf",
+}
+KNOWN_ACTIONS = ", ".join(sorted(ACTIONS))
+TARGET_FIELDS = ("to", "target", "target_phone_number", "phone_number", "sip_uri")
+
+_E164 = re.compile(r"\+[1-9]\d{6,14}")
+_PHONE_PUNCTUATION = re.compile(r"[\s\-().]")
+_SIP_URI = re.compile(r"sips?:(?:[^@\s:;?]+(?::[^@\s;?]*)?@)?[A-Za-z0-9.\-\[\]:]+(?:;[^\s?]*)?")
+_SIP_HEADER_NAME = re.compile(r"X-[A-Za-z0-9\-]{1,64}", re.I)
+_DTMF = re.compile(r"[0-9*#wW]+")
+
+Action = EndCall | TransferPlan | SendDtmf
+
+
+def error(status: int, code: str, message: str) -> ActionRefused:
+    return ActionRefused(status, code, message)
+
+
+def error_body(exc: ActionRefused) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+
+
+@dataclass(frozen=True, slots=True)
+class TransferPolicy:
+    """Where an agent may send a call: TRANSFER_TO, TRANSFER_ALLOW, TRANSFER_CALLER_ID."""
+
+    default_to: str = ""
+    allow: tuple[str, ...] = ()
+    caller_id: str = ""
+
+    def allows(self, target: str) -> bool:
+        if self.default_to and target == normalise_destination(self.default_to):
+            return True
+        return any(fnmatch.fnmatchcase(target, pattern) for pattern in self.allow)
+
+
+def normalise_destination(value: str) -> str:
+    value = value.strip()
+    if value.lower().startswith(("sip:", "sips:")):
+        return value
+    return _PHONE_PUNCTUATION.sub("", value)
+
+
+def is_e164(value: str) -> bool:
+    return _E164.fullmatch(value) is not None
+
+
+def is_sip_uri(value: str) -> bool:
+    return _SIP_URI.fullmatch(value) is not None
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The request's JSON object and its canonical action name (400 otherwise)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise error(413, "body_too_large", f"the body is over {MAX_BODY_BYTES // 1024} KiB")
+    try:
+        payload = orjson.loads(body) if body.strip() else None
+    except orjson.JSONDecodeError:
+        raise error(400, "malformed_json", "the body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise error(400, "malformed_json", "the body must be a JSON object")
+    action = payload.get("action")
+    if action not in ACTIONS:
+        raise error(
+            400,
+            "unknown_action",
+            f"unknown action {action!r}; known actions: {KNOWN_ACTIONS}",
+        )
+    return payload
+
+
+def _optional_str(payload: Mapping[str, Any], key: str, limit: int = 256) -> str:
+    value = payload.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > limit:
+        raise error(400, "bad_field", f"'{key}' must be a string of at most {limit} characters")
+    return value.strip()
+
+
+def build_action(record: CallRecord, payload: Mapping[str, Any], policy: TransferPolicy) -> Action:
+    """Turn a parsed request into an action for the call, checking fields (400, 422, 403)."""
+    action = ACTIONS[payload["action"]]
+    if action == "end_call":
+        return EndCall(_optional_str(payload, "reason", MAX_SUMMARY_CHARS))
+    if action == "send_dtmf":
+        digits = payload.get("digits")
+        if not isinstance(digits, str) or not _DTMF.fullmatch(digits) or len(digits) > MAX_DTMF_DIGITS:
+            raise error(
+                400,
+                "bad_field",
+                f"'digits' must be 1 to {MAX_DTMF_DIGITS} of 0-9 * # w",
+            )
+        return SendDtmf(digits.lower())
+    return plan_transfer(record, payload, policy)
+
+
+def plan_transfer(record: CallRecord, payload: Mapping[str, Any], policy: TransferPolicy) -> TransferPlan:
+    # 400: field shapes
+    mode = _optional_str(payload, "mode") or "blind"
+    if mode not in ("blind", "warm"):
+        raise error(400, "bad_field", "'mode' must be 'blind' or 'warm'")
+    raw_target = ""
+    for key in TARGET_FIELDS:
+        raw_target = _optional_str(payload, key)
+        if raw_target:
+            break
+    summary = _optional_str(payload, "summary", MAX_SUMMARY_CHARS)
+    caller_id = normalise_destination(_optional_str(payload, "caller_id"))
+    headers = payload.get("headers") or {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | int | float) for k, v in headers.items()
+    ):
+        raise error(400, "bad_field", "'headers' must be an object of X- header names to values")
+    bad = [k for k in headers if not _SIP_HEADER_NAME.fullmatch(k)]
+    if bad:
+        raise error(400, "bad_field", f"SIP headers must be named X-...: {', '.join(bad[:5])}")
+    headers = {k: str(v) for k, v in headers.items()}
+    if sum(len(k) + len(v) + 2 for k, v in headers.items()) > MAX_SIP_HEADER_BYTES:
+        raise error(400, "bad_field", f"SIP headers must total under {MAX_SIP_HEADER_BYTES} bytes")
+    target = normalise_destination(raw_target or policy.default_to)
+    if not target:
+        raise error(400, "bad_field", "no destination: give 'to', or set TRANSFER_TO")
+    # 422: values
+    if mode == "warm":
+        raise error(422, "not_supported", "warm transfer is not supported yet; use mode 'blind'")
+    target_is_sip = target.lower().startswith(("sip:", "sips:"))
+    if not (is_sip_uri(target) if target_is_sip else is_e164(target)):
+        raise error(
+            422,
+            "invalid_destination",
+            f"destination {target!r} is not an E.164 number (+15551234567) or a sip: URI",
+        )
+    if headers and not target_is_sip:
+        raise error(422, "invalid_destination", "SIP headers need a sip: destination")
+    caller_id = caller_id or normalise_destination(policy.caller_id)
+    if caller_id and not (is_e164(caller_id) or is_sip_uri(caller_id)):
+        raise error(422, "invalid_caller_id", f"caller_id {caller_id!r} is not E.164 or a sip: URI")
+    if not caller_id:
+        called = normalise_destination(record.to)
+        if is_e164(called) or target_is_sip:
+            caller_id = called
+        else:
+            raise error(
+                422,
+                "caller_id_required",
+                "this call came in over SIP; transferring it to a phone number needs "
+                "'caller_id' or TRANSFER_CALLER_ID",
+            )
+    # 403: policy
+    if not policy.allows(target):
+        raise error(403, "destination_not_allowed", "that destination is not in TRANSFER_ALLOW")
+    return TransferPlan(
+        target=target,
+        caller_id=caller_id,
+        headers=headers,
+        summary=summary,
+        mode=mode,
+    )
+
+
+def ok_body(action: Action, call_sid: str) -> dict[str, Any]:
+    name = {EndCall: "end_call", TransferPlan: "call_transfer", SendDtmf: "send_dtmf"}[type(action)]
+    return {"ok": True, "action": name, "call_sid": call_sid}
+
+
+def dumps(body: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(body)

@@ -1,0 +1,94 @@
+"""Carrier- and agent-neutral events: what the codecs produce and the session consumes.
+
+The session never sees a Twilio or Cartesia frame, only these, so a new carrier or agent
+platform is one new codec file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ProtocolError(ValueError):
+    """A frame that breaks its protocol; the message says how. The call goes on."""
+
+
+# Carrier leg (caller side)
+
+
+@dataclass(slots=True, frozen=True)
+class StreamConnected:
+    pass
+
+
+@dataclass(slots=True, frozen=True)
+class StreamStarted:
+    stream_sid: str
+    call_sid: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class CallerAudio:
+    payload: str  # base64 mu-law 8 kHz, passed through untouched
+
+
+@dataclass(slots=True, frozen=True)
+class CallerDtmf:
+    digit: str
+
+
+@dataclass(slots=True, frozen=True)
+class PlaybackMark:
+    name: str
+
+
+@dataclass(slots=True, frozen=True)
+class StreamStopped:
+    pass
+
+
+CarrierEvent = StreamConnected | StreamStarted | CallerAudio | CallerDtmf | PlaybackMark | StreamStopped
+
+
+# Agent leg
+
+
+@dataclass(slots=True, frozen=True)
+class AgentReady:
+    stream_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class AgentAudio:
+    payload: str  # base64, in the agent's output format
+
+
+@dataclass(slots=True, frozen=True)
+class AgentClear:
+    pass
+
+
+@dataclass(slots=True, frozen=True)
+class AgentDtmf:
+    digit: str
+
+
+@dataclass(slots=True, frozen=True)
+class AgentCustom:
+    metadata: dict[str, Any]
+
+
+@dataclass(slots=True, frozen=True)
+class AgentTransfer:
+    target: str  # E.164 number or sip: URI, "" when the agent named none
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class AgentUnknown:
+    event: str
+
+
+AgentEvent = AgentReady | AgentAudio | AgentClear | AgentDtmf | AgentCustom | AgentTransfer | AgentUnknown

@@ -1,0 +1,125 @@
+"""The session registry: which calls are live, which instance holds each, and how to reach it."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# A call that rang but whose media never arrived is forgotten after this; a live call's entry
+# is refreshed by its owner's heartbeat, so it outlives its TTL only while the owner is alive.
+RINGING_TTL_S = 120
+LIVE_TTL_S = 6 * 3600
+# Liveness: heartbeat at least every 2 s; an instance silent for 6 s is gone (DESIGN.md).
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TTL_S = 6.0
+# How long a control request waits for the owning instance's reply.
+ROUTE_TIMEOUT_S = 3.0
+
+RouteHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def new_secret() -> str:
+    """256 random bits, URL-safe: control tokens and session references."""
+    return secrets.token_urlsafe(32)
+
+
+def digest(secret: str) -> str:
+    """What the registry stores instead of a secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_instance_id() -> str:
+    return "gw-" + secrets.token_hex(6)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    call_sid: str
+    owner: str
+    state: str
+    from_: str
+    to: str
+    agent_id: str
+    direction: str
+    token_hash: str
+    account_sid: str = ""
+    started_at: float = field(default_factory=time.time)
+    sip_headers: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        """What `GET /control/{token}` shows: nothing secret."""
+        return {
+            "call_sid": self.call_sid,
+            "state": self.state,
+            "from": self.from_,
+            "to": self.to,
+            "agent_id": self.agent_id,
+            "direction": self.direction,
+            "started_at": self.started_at,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CallRecord:
+        return cls(**{k: data[k] for k in cls.__slots__ if k in data})  # type: ignore[attr-defined]
+
+
+class RegistryUnavailable(RuntimeError):
+    """The shared registry cannot be reached right now."""
+
+
+class SessionRegistry(abc.ABC):
+    """One interface, two implementations: in-process (one instance) and Redis (many)."""
+
+    instance_id: str
+
+    @abc.abstractmethod
+    async def start(self, handler: RouteHandler) -> None:
+        """Begin heartbeats and take routed control requests with `handler`."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ready(self) -> bool:
+        """True when the registry answers."""
+
+    @abc.abstractmethod
+    async def put(self, record: CallRecord, ttl_s: float = RINGING_TTL_S) -> None:
+        """Create or replace the call's entry and its token mapping."""
+
+    @abc.abstractmethod
+    async def get(self, call_sid: str) -> CallRecord | None: ...
+
+    @abc.abstractmethod
+    async def by_token(self, token_hash: str) -> CallRecord | None: ...
+
+    @abc.abstractmethod
+    async def set_state(self, call_sid: str, state: str) -> None: ...
+
+    @abc.abstractmethod
+    async def refresh(self, call_sid: str, ttl_s: float) -> None:
+        """Extend the entry's lifetime (the owner does this while the call is live)."""
+
+    @abc.abstractmethod
+    async def delete(self, call_sid: str) -> None:
+        """Forget the call; its control token dies with it."""
+
+    @abc.abstractmethod
+    async def owner_alive(self, instance_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def route(self, owner: str, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Ask the owning instance to act; its reply, or None if it did not answer in time."""
+
+    @abc.abstractmethod
+    async def hit(self, key: str, limit: int, window_s: float) -> bool:
+        """Count one request under `key`; False when more than `limit` fell in `window_s`."""

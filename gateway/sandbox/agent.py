@@ -1,0 +1,249 @@
+"""A local Line agent that speaks the Calls API (PROTOCOLS.md section 5), for tests and demos.
+
+It greets on `start`, stops talking and sends `clear` when the caller speaks over it
+(energy-based), answers DTMF, sends `custom`, ends the call with close 1000 `call ended by agent`
+on a chosen digit, serves any of the four output formats, and records everything it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from gateway.audio import OUTPUT_FORMATS, pcm16_to_ulaw, rms_dbfs, tone_pcm16, ulaw_to_pcm16
+
+log = structlog.get_logger(__name__)
+
+GREETING_HZ = 440.0  # the "voice" of the emulator: a tone the tests can find in a recording
+GOODBYE_HZ = 660.0
+CHUNK_MS = 40
+
+
+@dataclass
+class AgentBehaviour:
+    output_format: str = "mulaw_8000"
+    greeting_s: float = 1.0
+    goodbye_s: float = 0.5
+    # The caller "speaks" when a frame is louder than this; this many loud frames in a row
+    # while the agent is talking is a barge-in.
+    speech_dbfs: float = -30.0
+    barge_in_frames: int = 3
+    end_digit: str = "#"  # close 1000 "call ended by agent" after a goodbye
+    dtmf_replies: dict[str, str] = field(default_factory=lambda: {"*": "147"})
+    transfer_digit: str = "0"  # send transfer_call to transfer_target
+    transfer_target: str = "+15550001111"
+    end_call_tool_digit: str = "7"  # a tool POSTs {"action":"end_call"} to the control URL
+    send_custom: bool = True
+    ack_delay_s: float = 0.0
+    refuse_status: int = 0  # answer the upgrade with this HTTP status instead
+    never_ack: bool = False
+    continuous: bool = False  # talk without end (benchmarks): 20 ms chunks at real time
+    pace: float = 2.0  # send speech this many times faster than real time
+
+
+@dataclass
+class AgentCall:
+    """What one call's socket brought to the agent."""
+
+    path: str
+    headers: dict[str, str]
+    start: dict[str, Any] | None = None
+    audio_in: bytearray = field(default_factory=bytearray)  # mu-law 8 kHz, as received
+    frames_in: list[dict[str, Any]] = field(default_factory=list)
+    dtmf_in: list[str] = field(default_factory=list)
+    clears_sent: int = 0
+    control_replies: list[tuple[int, Any]] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    close_code: int | None = None
+    close_reason: str | None = None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return (self.start or {}).get("metadata", {})
+
+
+def speech(freq: float, seconds: float, output_format: str) -> bytes:
+    encoding, rate = OUTPUT_FORMATS[output_format]
+    pcm = tone_pcm16(freq, seconds, rate, amplitude=0.3)
+    return pcm16_to_ulaw(pcm) if encoding == "mulaw" else pcm
+
+
+class AgentEmulator:
+    def __init__(self, behaviour: AgentBehaviour | None = None) -> None:
+        self.behaviour = behaviour or AgentBehaviour()
+        self.calls: list[AgentCall] = []
+        self._server: Server | None = None
+        self.url = ""
+
+    @contextlib.asynccontextmanager
+    async def running(self, port: int = 0) -> AsyncIterator[AgentEmulator]:
+        async with serve(
+            self._handle, "127.0.0.1", port, process_request=self._check_request, compression=None
+        ) as server:
+            self._server = server
+            bound = server.sockets[0].getsockname()[1]
+            self.url = f"ws://127.0.0.1:{bound}"
+            yield self
+
+    def _check_request(self, connection: ServerConnection, request: Any) -> Any:
+        if self.behaviour.refuse_status:
+            return connection.respond(self.behaviour.refuse_status, "refused by the emulator\n")
+        if not request.path.startswith("/agents/stream/"):
+            return connection.respond(404, "no such agent path\n")
+        return None
+
+    async def wait_for_call(self, index: int = 0, within_s: float = 10.0) -> AgentCall:
+        async with asyncio.timeout(within_s):
+            while len(self.calls) <= index or self.calls[index].start is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        return self.calls[index]
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        call = AgentCall(path=ws.request.path, headers=dict(ws.request.headers.raw_items()))
+        self.calls.append(call)
+        talk = _Talker(ws, self.behaviour)
+        try:
+            first = orjson.loads(await ws.recv())
+            if first.get("event") != "start":
+                await ws.close(1002, "first frame must be start")
+                return
+            call.start = first
+            stream_id = first.get("stream_id") or "sandbox-stream"
+            talk.stream_id = stream_id
+            if self.behaviour.never_ack:
+                await ws.wait_closed()
+                return
+            await asyncio.sleep(self.behaviour.ack_delay_s)
+            await ws.send(
+                orjson.dumps({"event": "ack", "stream_id": stream_id, "config": first.get("config", {})})
+            )
+            if self.behaviour.send_custom:
+                await ws.send(
+                    orjson.dumps({"event": "custom", "stream_id": stream_id, "metadata": {"greeting": True}})
+                )
+            talk.say(GREETING_HZ, self.behaviour.greeting_s, continuous=self.behaviour.continuous)
+            await self._listen(ws, call, talk)
+        except ConnectionClosed:
+            pass
+        finally:
+            await talk.stop()
+            call.close_code, call.close_reason = ws.close_code, ws.close_reason
+            call.closed.set()
+
+    async def _listen(self, ws: ServerConnection, call: AgentCall, talk: _Talker) -> None:
+        loud = 0
+        async for text in ws:
+            frame = orjson.loads(text)
+            call.frames_in.append(frame)
+            event = frame.get("event")
+            if event == "media_input":
+                mulaw = base64.b64decode(frame["media"]["payload"])
+                call.audio_in += mulaw
+                loud = loud + 1 if rms_dbfs(ulaw_to_pcm16(mulaw)) > self.behaviour.speech_dbfs else 0
+                if loud >= self.behaviour.barge_in_frames and talk.speaking:
+                    await talk.interrupt()
+                    call.clears_sent += 1
+            elif event == "dtmf":
+                digit = frame.get("dtmf", "")
+                call.dtmf_in.append(digit)
+                await self._on_digit(ws, call, talk, digit)
+
+    async def _on_digit(self, ws: ServerConnection, call: AgentCall, talk: _Talker, digit: str) -> None:
+        b = self.behaviour
+        if digit in b.dtmf_replies:
+            await ws.send(
+                orjson.dumps({"event": "dtmf", "stream_id": talk.stream_id, "dtmf": b.dtmf_replies[digit]})
+            )
+        if digit == b.end_digit:
+            await talk.interrupt(send_clear=False)
+            await talk.send_all(GOODBYE_HZ, b.goodbye_s)
+            await ws.close(1000, "call ended by agent")
+        elif digit == b.transfer_digit:
+            await ws.send(
+                orjson.dumps(
+                    {
+                        "event": "transfer_call",
+                        "stream_id": talk.stream_id,
+                        "transfer": {"target_phone_number": b.transfer_target},
+                    }
+                )
+            )
+        elif digit == b.end_call_tool_digit:
+            # What a tool written for the hosted connector does: POST to the control URL.
+            url = call.metadata.get("vox_session_control_url", "")
+            await talk.send_all(GOODBYE_HZ, b.goodbye_s)
+            async with aiohttp.ClientSession() as http, http.post(url, json={"action": "end_call"}) as resp:
+                call.control_replies.append((resp.status, await resp.json()))
+
+
+class _Talker:
+    """Sends the agent's speech in chunks, faster than real time like a real TTS."""
+
+    def __init__(self, ws: ServerConnection, behaviour: AgentBehaviour) -> None:
+        self._ws = ws
+        self._b = behaviour
+        self.stream_id = ""
+        self._task: asyncio.Task[None] | None = None
+        self._until = 0.0
+
+    @property
+    def speaking(self) -> bool:
+        """Until the caller would have heard the last of it (speech is sent ahead of time)."""
+        return time.monotonic() < self._until
+
+    def say(self, freq: float, seconds: float, *, continuous: bool = False) -> None:
+        self._until = float("inf") if continuous else time.monotonic() + seconds + 0.2
+        self._task = asyncio.create_task(self._say(freq, seconds, continuous))
+
+    async def _say(self, freq: float, seconds: float, continuous: bool) -> None:
+        if continuous:
+            await self._stream_forever(freq)
+            return
+        await self.send_all(freq, seconds)
+
+    async def send_all(self, freq: float, seconds: float) -> None:
+        audio = speech(freq, seconds, self._b.output_format)
+        per_chunk = len(audio) * CHUNK_MS // max(1, int(seconds * 1000))
+        per_chunk -= per_chunk % 2
+        for offset in range(0, len(audio), per_chunk):
+            await self._send(audio[offset : offset + per_chunk])
+            await asyncio.sleep(CHUNK_MS / 1000 / self._b.pace)
+
+    async def _stream_forever(self, freq: float) -> None:
+        chunk = speech(freq, 0.02, self._b.output_format)
+        started = time.monotonic()
+        sent = 0
+        while True:
+            await self._send(chunk)
+            sent += 1
+            await asyncio.sleep(max(0.0, started + sent * 0.02 - time.monotonic()))
+
+    async def _send(self, audio: bytes) -> None:
+        payload = base64.b64encode(audio).decode()
+        await self._ws.send(
+            f'{{"event":"media_output","stream_id":"{self.stream_id}","media":{{"payload":"{payload}"}}}}'
+        )
+
+    async def interrupt(self, *, send_clear: bool = True) -> None:
+        await self.stop()
+        if send_clear:
+            await self._ws.send(orjson.dumps({"event": "clear", "stream_id": self.stream_id}))
+
+    async def stop(self) -> None:
+        self._until = 0.0
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await self._task
+            self._task = None

@@ -1,0 +1,343 @@
+"""A simulated Twilio call: signed webhook, signed Media Streams socket, real-time audio.
+
+It behaves as Twilio does (PROTOCOLS.md sections 1-3): sends `connected`, `start`, a 20 ms mu-law
+`media` frame every 20 ms, `dtmf` and `stop`; plays the gateway's audio at real-time rate,
+echoes each `mark` when the audio queued before it has played, and on `clear` drops what is
+queued and echoes every pending mark at once. What the caller heard is kept, with silence
+where nothing played, and can be written to a WAV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import re
+import secrets
+import time
+import wave
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import orjson
+from twilio.request_validator import RequestValidator
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from gateway.audio import MULAW_FRAME_BYTES, ulaw_to_pcm16
+
+SILENCE = b"\xff" * MULAW_FRAME_BYTES
+FRAME_S = 0.02
+
+
+def new_sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+@dataclass
+class CallScript:
+    """What the caller does: speaks `audio` (mu-law 8 kHz) from `speak_at`, presses keys."""
+
+    audio: bytes = b""
+    speak_at: float = 0.0
+    dtmf: list[tuple[float, str]] = field(default_factory=list)
+    hangup_at: float | None = None
+    max_s: float = 30.0
+
+
+@dataclass
+class _Mark:
+    name: str
+
+
+class SimulatedCall:
+    def __init__(
+        self,
+        gateway_url: str,
+        auth_token: str,
+        *,
+        account_sid: str = "AC" + "0" * 32,
+        call_sid: str | None = None,
+        from_: str = "+15551230001",
+        to: str = "+15559870002",
+        voice_query: str = "",
+        extra_form: dict[str, str] | None = None,
+    ) -> None:
+        self.gateway_url = gateway_url.rstrip("/")
+        self.validator = RequestValidator(auth_token)
+        self.account_sid = account_sid
+        self.call_sid = call_sid or new_sid("CA")
+        self.stream_sid = new_sid("MZ")
+        self.from_, self.to = from_, to
+        self.voice_query = voice_query
+        self.extra_form = extra_form or {}
+        self.stream_url = ""
+        self.parameters: dict[str, str] = {}
+        self.twiml = ""
+        self.t0 = time.monotonic()
+        self.timeline: list[tuple[float, str]] = []
+        self.heard = bytearray()  # mu-law 8 kHz, one frame per 20 ms tick, silence included
+        self.received: list[dict[str, Any]] = []
+        self.protocol_errors: list[str] = []
+        self.clears = 0
+        self.marks_echoed: list[str] = []
+        self.first_audio_at: float | None = None
+        self.ended = asyncio.Event()
+        self.end_reason = ""
+        self._queue: deque[bytes | _Mark] = deque()
+        self._ws: ClientConnection | None = None
+        self._seq = 0
+        self._chunk = 0
+
+    def log(self, what: str) -> None:
+        self.timeline.append((time.monotonic() - self.t0, what))
+
+    # Webhook
+
+    def sign(self, url: str, params: dict[str, str]) -> str:
+        return self.validator.compute_signature(url, params)
+
+    def webhook_form(self) -> dict[str, str]:
+        return {
+            "CallSid": self.call_sid,
+            "AccountSid": self.account_sid,
+            "From": self.from_,
+            "To": self.to,
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+            **self.extra_form,
+        }
+
+    async def dial(self, public_url: str | None = None, *, signature: str | None = None) -> int:
+        """POST the voice webhook, as Twilio does when the number rings. Returns the status."""
+        path = "/twilio/voice" + (f"?{self.voice_query}" if self.voice_query else "")
+        form = self.webhook_form()
+        signed_url = (public_url or self.gateway_url) + path
+        sig = self.sign(signed_url, form) if signature is None else signature
+        self.t0 = time.monotonic()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(self.gateway_url + path, data=form, headers={"X-Twilio-Signature": sig}) as resp,
+        ):
+            self.twiml = await resp.text()
+            status = resp.status
+        self.log(f"webhook answered {status}")
+        if status == 200:
+            match = re.search(r'<Stream url="([^"]+)"', self.twiml)
+            self.stream_url = match.group(1) if match else ""
+            self.parameters = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]+)"', self.twiml))
+        return status
+
+    # Media
+
+    async def open_stream(
+        self,
+        *,
+        signature: str | None = None,
+        parameters: dict[str, str] | None = None,
+        stream_sid: str | None = None,
+    ) -> None:
+        """Open the Media Streams socket and send `connected` and `start`."""
+        sig = self.sign(self.stream_url, {}) if signature is None else signature
+        headers = {"X-Twilio-Signature": sig} if sig else {}
+        self.stream_sid = stream_sid or self.stream_sid
+        self._ws = await connect(self.stream_url, additional_headers=headers, compression=None, proxy=None)
+        await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        await self.send(
+            {
+                "event": "start",
+                "sequenceNumber": self._next_seq(),
+                "streamSid": self.stream_sid,
+                "start": {
+                    "accountSid": self.account_sid,
+                    "streamSid": self.stream_sid,
+                    "callSid": self.call_sid,
+                    "tracks": ["inbound"],
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                    "customParameters": self.parameters if parameters is None else parameters,
+                },
+            }
+        )
+        self.log("stream started")
+
+    def _next_seq(self) -> str:
+        self._seq += 1
+        return str(self._seq)
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        assert self._ws is not None
+        data = frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode()
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(data)
+
+    async def send_media(self, mulaw: bytes) -> None:
+        self._chunk += 1
+        await self.send(
+            f'{{"event":"media","sequenceNumber":"{self._next_seq()}","streamSid":"{self.stream_sid}",'
+            f'"media":{{"track":"inbound","chunk":"{self._chunk}","timestamp":"{self._chunk * 20}",'
+            f'"payload":"{base64.b64encode(mulaw).decode()}"}}}}'
+        )
+
+    async def press(self, digit: str) -> None:
+        self.log(f"caller pressed {digit}")
+        await self.send(
+            {
+                "event": "dtmf",
+                "sequenceNumber": self._next_seq(),
+                "streamSid": self.stream_sid,
+                "dtmf": {"track": "inbound_track", "digit": digit},
+            }
+        )
+
+    async def hang_up(self) -> None:
+        """The caller hangs up: `stop`, then the socket closes."""
+        if self.ended.is_set():
+            return
+        self.log("caller hung up")
+        await self.send(
+            {
+                "event": "stop",
+                "sequenceNumber": self._next_seq(),
+                "streamSid": self.stream_sid,
+                "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
+            }
+        )
+        await self._close("caller hung up")
+
+    async def carrier_update(self, form: dict[str, str]) -> None:
+        """Twilio's REST API updated the call: the stream gets `stop` and ends."""
+        what = "hung up via REST" if form.get("Status") == "completed" else "redirected via REST"
+        self.log(f"call {what}")
+        await self.send(
+            {
+                "event": "stop",
+                "sequenceNumber": self._next_seq(),
+                "streamSid": self.stream_sid,
+                "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
+            }
+        )
+        await self._close(what)
+
+    async def _close(self, reason: str) -> None:
+        self.end_reason = self.end_reason or reason
+        if self._ws is not None:
+            await self._ws.close()
+        self.ended.set()
+
+    async def run(self, script: CallScript) -> None:
+        """Stream in real time until the call ends (by either side) or `max_s` passes."""
+        assert self._ws is not None
+        reader = asyncio.create_task(self._read())
+        try:
+            await self._tick(script)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _tick(self, script: CallScript) -> None:
+        start = time.monotonic()
+        dtmf = deque(sorted(script.dtmf))
+        speak_from = int(script.speak_at / FRAME_S)
+        tick = 0
+        while not self.ended.is_set():
+            now_s = tick * FRAME_S
+            if script.hangup_at is not None and now_s >= script.hangup_at:
+                await self.hang_up()
+                break
+            if now_s >= script.max_s:
+                self.log("script time is up")
+                await self.hang_up()
+                break
+            while dtmf and dtmf[0][0] <= now_s:
+                await self.press(dtmf.popleft()[1])
+            offset = (tick - speak_from) * MULAW_FRAME_BYTES
+            frame = script.audio[offset : offset + MULAW_FRAME_BYTES] if offset >= 0 else b""
+            await self.send_media(frame.ljust(MULAW_FRAME_BYTES, b"\xff"))
+            await self._play_one_frame()
+            tick += 1
+            await asyncio.sleep(max(0.0, start + tick * FRAME_S - time.monotonic()))
+
+    async def _play_one_frame(self) -> None:
+        out = bytearray()
+        while self._queue and len(out) < MULAW_FRAME_BYTES:
+            item = self._queue[0]
+            if isinstance(item, _Mark):
+                self._queue.popleft()
+                await self._echo(item.name)
+                continue
+            need = MULAW_FRAME_BYTES - len(out)
+            out += item[:need]
+            if len(item) > need:
+                self._queue[0] = item[need:]
+            else:
+                self._queue.popleft()
+        while self._queue and isinstance(self._queue[0], _Mark):
+            await self._echo(self._queue.popleft().name)  # type: ignore[union-attr]
+        if out and self.first_audio_at is None:
+            self.first_audio_at = time.monotonic() - self.t0
+            self.log("caller hears the agent")
+        self.heard += out.ljust(MULAW_FRAME_BYTES, b"\xff")
+
+    async def _echo(self, name: str) -> None:
+        self.marks_echoed.append(name)
+        await self.send(
+            {
+                "event": "mark",
+                "sequenceNumber": self._next_seq(),
+                "streamSid": self.stream_sid,
+                "mark": {"name": name},
+            }
+        )
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        try:
+            async for data in self._ws:
+                if isinstance(data, bytes):
+                    self.protocol_errors.append("binary frame")
+                    continue
+                frame = orjson.loads(data)
+                self.received.append(frame)
+                event = frame.get("event")
+                if frame.get("streamSid") != self.stream_sid:
+                    self.protocol_errors.append(f"{event} with streamSid {frame.get('streamSid')!r}")
+                if event == "media":
+                    self._queue.append(base64.b64decode(frame["media"]["payload"]))
+                elif event == "mark":
+                    self._queue.append(_Mark(frame["mark"]["name"]))
+                elif event == "clear":
+                    self.clears += 1
+                    self.log("gateway cleared playback (barge-in)")
+                    marks = [i for i in self._queue if isinstance(i, _Mark)]
+                    self._queue.clear()
+                    for mark in marks:
+                        await self._echo(mark.name)
+                else:
+                    self.protocol_errors.append(f"unknown event {event!r}")
+        except ConnectionClosed:
+            pass
+        if not self.ended.is_set():
+            self.log("gateway closed the stream")
+            self.end_reason = self.end_reason or "gateway closed the stream"
+            self.ended.set()
+
+    def heard_pcm16(self) -> bytes:
+        return ulaw_to_pcm16(bytes(self.heard))
+
+    def write_wav(self, path: str | Path) -> Path:
+        path = Path(path)
+        with wave.open(str(path), "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(8000)
+            wav.writeframes(self.heard_pcm16())
+        return path
+
+
+def query(**params: str) -> str:
+    return urlencode(params)

@@ -1,0 +1,56 @@
+"""Run ASGI apps on free loopback ports inside the current event loop (sandbox and tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+
+# The gateway's own limit on a WebSocket message: Twilio frames are ~300 bytes, so 64 KiB
+# leaves room for `start` with large custom parameters and refuses anything absurd.
+WS_MAX_SIZE = 64 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def uvicorn_config(app: Any, host: str, port: int, **overrides: Any) -> uvicorn.Config:
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,  # structlog owns logging
+        "access_log": False,
+        "ws_max_size": WS_MAX_SIZE,
+        "ws_ping_interval": None,  # Twilio does not answer pings; its stream has its own liveness
+        "timeout_graceful_shutdown": 10,
+        "lifespan": "on",
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any, port: int | None = None, **overrides: Any) -> AsyncIterator[str]:
+    """Serve `app` on 127.0.0.1 until the block exits; yields its http:// origin."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, **overrides))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises the start-up error
+                raise RuntimeError("server stopped during start-up")
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)

@@ -1,0 +1,544 @@
+"""A call: its state machine and the bridge between the caller's leg and the agent's leg.
+
+The session knows neither Twilio nor Cartesia: legs hand it neutral events (gateway.events)
+and take audio, marks and DTMF from it. One call is one task group (uplink, downlink, inbox);
+whichever way the call ends, one `finally` closes both sockets and removes the registry entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from gateway.agents.cartesia import decode_payload, ended_by_agent
+from gateway.audio import DownlinkConverter, dtmf_mulaw, mulaw_duration_s
+from gateway.events import (
+    AgentAudio,
+    AgentClear,
+    AgentCustom,
+    AgentDtmf,
+    AgentEvent,
+    AgentTransfer,
+    AgentUnknown,
+    CallerAudio,
+    CallerDtmf,
+    CarrierEvent,
+    PlaybackMark,
+    ProtocolError,
+    StreamStopped,
+)
+from gateway.registry.base import LIVE_TTL_S, CallRecord, SessionRegistry
+
+log = structlog.get_logger(__name__)
+
+# Caller frames that arrive before the agent's `ack` are held, then sent in order. 250 frames
+# of 20 ms is 5 s of speech (~75 KiB); past that the oldest are dropped, and that is logged.
+PENDING_UPLINK_FRAMES = 250
+# A mark every half second of agent audio tells the session what the caller has heard
+# without doubling the downlink frame rate. Outstanding marks are capped: Twilio buffers at
+# most ~10 min of audio, which is 1,200 marks; past the cap no new marks are sent until
+# echoes come back (the drain mark is always sent).
+MARK_EVERY_S = 0.5
+MAX_OUTSTANDING_MARKS = 1200
+# Control actions queued for the call; a full inbox answers "busy" rather than growing.
+INBOX_SIZE = 8
+# Closing a socket that does not answer is abandoned after this long.
+CLOSE_TIMEOUT_S = 2.0
+
+
+class State:
+    RINGING = "ringing"
+    CONNECTING = "connecting"
+    LIVE = "live"
+    ENDING = "ending"
+    TRANSFERRING = "transferring"
+    ENDED = "ended"
+    TRANSFERRED = "transferred"
+
+    FINAL = frozenset({ENDED, TRANSFERRED})
+    LEAVING = frozenset({ENDING, TRANSFERRING, ENDED, TRANSFERRED})
+
+
+class CarrierLeg(Protocol):
+    """The caller's side of the bridge (Twilio Media Streams today)."""
+
+    def events(self) -> AsyncIterator[CarrierEvent | ProtocolError]: ...
+    async def send_audio(self, payload_b64: str) -> None: ...
+    async def send_mark(self, name: str) -> None: ...
+    async def send_clear(self) -> None: ...
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class AgentLeg(Protocol):
+    """The agent's side of the bridge (a Cartesia Line agent today)."""
+
+    stream_id: str
+
+    def events(self) -> AsyncIterator[AgentEvent | ProtocolError]: ...
+    async def send_audio(self, payload_b64: str) -> None: ...
+    async def send_dtmf(self, digit: str) -> None: ...
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    @property
+    def close_reason(self) -> str | None: ...
+
+
+class CallControl(Protocol):
+    """What the carrier's REST API does to a live call."""
+
+    async def hangup(self, call_sid: str) -> bool: ...
+    async def transfer(self, call_sid: str, plan: TransferPlan) -> None: ...
+
+
+@dataclass(slots=True, frozen=True)
+class TransferPlan:
+    target: str
+    caller_id: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    summary: str = ""
+    mode: str = "blind"
+
+
+@dataclass(slots=True, frozen=True)
+class EndCall:
+    reason: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class SendDtmf:
+    digits: str
+
+
+Action = EndCall | TransferPlan | SendDtmf
+AgentOpener = Callable[[CallRecord], Awaitable[AgentLeg]]
+TransferPlanner = Callable[[CallRecord, dict[str, Any]], TransferPlan]
+
+
+class ActionRefused(Exception):
+    """A control action the call cannot take now; `code` is the control API's error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Playback:
+    """What the caller has heard, from Twilio's mark echoes. Pure bookkeeping, no I/O."""
+
+    def __init__(self) -> None:
+        self._marks: deque[tuple[str, float]] = deque()
+        self._serial = 0
+        self.sent_s = 0.0  # agent audio sent since the last clear, in seconds
+        self.heard_s = 0.0  # of which the caller has heard at least this much
+        self.marked_s = 0.0  # audio covered by the newest mark
+        self.played_out = asyncio.Event()
+        self.played_out.set()
+
+    @property
+    def unplayed_s(self) -> float:
+        return self.sent_s - self.heard_s
+
+    def sent(self, seconds: float) -> None:
+        self.sent_s += seconds
+        self.played_out.clear()
+
+    def next_mark(self, *, force: bool = False) -> str | None:
+        """Name of a mark to send now, or None if none is due."""
+        due = self.sent_s - self.marked_s
+        if due <= 0 or (not force and (due < MARK_EVERY_S or len(self._marks) >= MAX_OUTSTANDING_MARKS)):
+            return None
+        self._serial += 1
+        name = f"m{self._serial}"
+        self._marks.append((name, self.sent_s))
+        self.marked_s = self.sent_s
+        return name
+
+    def echoed(self, name: str) -> None:
+        while self._marks:
+            mark, at = self._marks.popleft()
+            self.heard_s = max(self.heard_s, at)
+            if mark == name:
+                break
+        else:
+            return  # a void mark (sent before a clear) or one we never sent
+        if not self._marks and self.marked_s >= self.sent_s:
+            self.played_out.set()
+
+    def void(self) -> None:
+        """After a clear: nothing is queued any more, and outstanding marks prove nothing."""
+        self._marks.clear()
+        self.sent_s = self.heard_s = self.marked_s = 0.0
+        self.played_out.set()
+
+
+class Session:
+    """One live call on this instance."""
+
+    def __init__(
+        self,
+        record: CallRecord,
+        *,
+        registry: SessionRegistry,
+        control: CallControl,
+        open_agent: AgentOpener,
+        plan_transfer: TransferPlanner,
+        output_format: str,
+        end_call_drain_s: float,
+    ) -> None:
+        self.record = record
+        self.call_sid = record.call_sid
+        self._registry = registry
+        self._control = control
+        self._open_agent = open_agent
+        self._plan_transfer = plan_transfer
+        self._output_format = output_format
+        self._drain_s = end_call_drain_s
+        self._log = log.bind(call_sid=record.call_sid)
+        self._carrier: CarrierLeg | None = None
+        self._agent: AgentLeg | None = None
+        self._pending: deque[CallerAudio] = deque(maxlen=PENDING_UPLINK_FRAMES)
+        self._pending_dropped = 0
+        self._converter = DownlinkConverter(output_format)
+        self.playback = Playback()
+        self._inbox: asyncio.Queue[Action] = asyncio.Queue(INBOX_SIZE)
+        self._finished = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.outcome = ""
+        self.state = record.state
+        # Set when an end or transfer is accepted, before its task runs, so that a second
+        # request sees it at once (409, or 200 for a repeated end_call).
+        self._intent: str | None = None
+
+    # State
+
+    async def _transition(self, state: str, **fields: Any) -> None:
+        if state == self.state:
+            return
+        self._log.info("call_state", state=state, previous=self.state, **fields)
+        self.state = self.record.state = state
+        try:
+            await self._registry.set_state(self.call_sid, state)
+        except Exception as exc:  # a registry outage never stops a call
+            self._log.warning("registry_state_not_saved", state=state, error=str(exc))
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    async def wait(self) -> None:
+        await self._finished.wait()
+
+    # Running the call
+
+    async def run(self, carrier: CarrierLeg) -> None:
+        """Bridge the call until it ends, however it ends. Returns when everything is closed."""
+        self._carrier = carrier
+        await self._transition(State.CONNECTING)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tasks = [
+                    tg.create_task(self._uplink(), name=f"uplink-{self.call_sid}"),
+                    tg.create_task(self._connect_and_downlink(), name=f"downlink-{self.call_sid}"),
+                    tg.create_task(self._serve_inbox(), name=f"inbox-{self.call_sid}"),
+                ]
+                await self._finished.wait()
+                for task in self._tasks:
+                    task.cancel()
+        except* Exception as group:
+            for exc in group.exceptions:
+                self._log.error("call_failed", error=repr(exc), exc_info=exc)
+            self.outcome = self.outcome or "error"
+        finally:
+            self._finished.set()
+            await self._cleanup()
+
+    def _finish(self, outcome: str) -> None:
+        if not self.outcome:
+            self.outcome = outcome
+        self._finished.set()
+
+    async def _cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                if self._agent is not None:
+                    await self._agent.close(1000, "call ended")
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                if self._carrier is not None:
+                    await self._carrier.close(1000)
+        final = State.TRANSFERRED if self.state == State.TRANSFERRING else State.ENDED
+        if self.state not in State.FINAL:
+            await self._transition(final, outcome=self.outcome or "ended")
+        try:
+            await self._registry.delete(self.call_sid)
+        except Exception as exc:
+            self._log.warning("registry_delete_failed", error=str(exc))
+        self._log.info("call_closed", outcome=self.outcome, state=self.state)
+
+    def carrier_ended(self, call_status: str) -> None:
+        """The carrier reports the call over (status callback): stop bridging, hang up nothing."""
+        self._log.info("carrier_call_ended", call_status=call_status)
+        self._finish(f"call_{call_status}")
+
+    async def adopt(self, carrier: CarrierLeg) -> None:
+        """A second media socket for this call (network handover): the newest one wins."""
+        old, self._carrier = self._carrier, carrier
+        self.playback.void()
+        self._log.info("carrier_replaced")
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close(1000, "replaced by a newer stream")
+
+    # Uplink: caller -> agent
+
+    async def _carrier_events(self) -> AsyncIterator[CarrierEvent | ProtocolError]:
+        while True:
+            carrier = self._carrier
+            assert carrier is not None
+            async for event in carrier.events():
+                if carrier is not self._carrier:
+                    break  # replaced mid-iteration: its last frames do not matter
+                yield event
+            if carrier is self._carrier:
+                return
+
+    async def _uplink(self) -> None:
+        malformed = 0
+        async for event in self._carrier_events():
+            match event:
+                case CallerAudio():
+                    if self._agent is not None:
+                        await self._agent.send_audio(event.payload)
+                    else:
+                        if len(self._pending) == PENDING_UPLINK_FRAMES:
+                            self._pending_dropped += 1
+                        self._pending.append(event)
+                case PlaybackMark(name):
+                    self.playback.echoed(name)
+                case CallerDtmf(digit):
+                    self._log.info("caller_dtmf", digit=digit)
+                    if self._agent is not None:
+                        await self._agent.send_dtmf(digit)
+                case StreamStopped():
+                    break
+                case ProtocolError():
+                    malformed += 1
+                    # Log the first few in full, then every hundredth: a broken peer must not
+                    # turn the log into the bottleneck.
+                    if malformed <= 5 or malformed % 100 == 0:
+                        self._log.warning("carrier_frame_dropped", error=str(event), count=malformed)
+        await self._caller_left()
+
+    async def _caller_left(self) -> None:
+        if self.state in (State.TRANSFERRING, State.TRANSFERRED):
+            self._finish("transferred")  # the stream's stop after a redirect: not a hang-up
+            return
+        if self.state == State.ENDING:
+            self._finish(self.outcome or "ended")
+            return
+        self._log.info("caller_hung_up")
+        await self._transition(State.ENDING, cause="caller_hung_up")
+        self._finish("caller_hung_up")
+
+    # Downlink: agent -> caller
+
+    async def _connect_and_downlink(self) -> None:
+        try:
+            agent = await self._open_agent(self.record)
+        except Exception as exc:
+            self._log.error("agent_unavailable", error=str(exc))
+            await self._hang_up("agent_unavailable")
+            return
+        while self._pending:  # caller audio that came before the ack, in order
+            await agent.send_audio(self._pending.popleft().payload)
+        if self._pending_dropped:
+            self._log.warning("uplink_frames_dropped_before_ack", count=self._pending_dropped)
+        self._agent = agent
+        if self.state == State.CONNECTING:
+            await self._transition(State.LIVE, stream_id=agent.stream_id)
+            with contextlib.suppress(Exception):
+                await self._registry.refresh(self.call_sid, LIVE_TTL_S)
+        await self._downlink(agent)
+
+    async def _downlink(self, agent: AgentLeg) -> None:
+        async for event in agent.events():
+            match event:
+                case AgentAudio(payload):
+                    await self._play(payload)
+                case AgentClear():
+                    await self._barge_in()
+                case AgentDtmf(digits):
+                    await self._play_dtmf(digits)
+                case AgentCustom(metadata):
+                    self._log.info("agent_custom", metadata=metadata)
+                case AgentTransfer():
+                    await self._agent_transfer(event)
+                case AgentUnknown(name):
+                    self._log.info("agent_event_ignored", event=name)
+                case ProtocolError():
+                    self._log.warning("agent_frame_dropped", error=str(event))
+        await self._agent_left(agent.close_code, agent.close_reason)
+
+    async def _play(self, payload_b64: str) -> None:
+        carrier = self._carrier
+        if carrier is None:
+            return
+        if self._converter.passthrough:
+            try:  # length only: the payload itself goes to Twilio as it came
+                nbytes = len(decode_payload(payload_b64))
+            except ProtocolError as exc:
+                self._log.warning("agent_frame_dropped", error=str(exc))
+                return
+            out = payload_b64
+        else:
+            try:
+                mulaw = self._converter.convert(decode_payload(payload_b64))
+            except ValueError as exc:
+                self._log.warning("agent_frame_dropped", error=str(exc))
+                return
+            if not mulaw:
+                return
+            nbytes = len(mulaw)
+            out = base64.b64encode(mulaw).decode()
+        await carrier.send_audio(out)
+        self.playback.sent(mulaw_duration_s(nbytes))
+        await self._mark(force=self.state in State.LEAVING)
+
+    async def _mark(self, *, force: bool = False) -> None:
+        name = self.playback.next_mark(force=force)
+        if name is not None and self._carrier is not None:
+            await self._carrier.send_mark(name)
+
+    async def _barge_in(self) -> None:
+        self._log.info("agent_clear", unplayed_s=round(self.playback.unplayed_s, 3))
+        if self._carrier is not None:
+            await self._carrier.send_clear()
+        self._converter.reset()
+        self.playback.void()
+
+    async def _play_dtmf(self, digits: str) -> None:
+        try:
+            tones = dtmf_mulaw(digits)
+        except ValueError as exc:
+            self._log.warning("dtmf_refused", error=str(exc))
+            return
+        self._log.info("dtmf_to_caller", digits=digits)
+        if self._carrier is not None:
+            await self._carrier.send_audio(base64.b64encode(tones).decode())
+            self.playback.sent(mulaw_duration_s(len(tones)))
+            await self._mark(force=True)
+
+    async def _agent_transfer(self, event: AgentTransfer) -> None:
+        fields = dict(event.details)
+        fields["to"] = event.target
+        try:
+            self.submit(self._plan_transfer(self.record, fields))
+        except ActionRefused as exc:
+            self._log.warning("agent_transfer_refused", code=exc.code, error=exc.message)
+
+    async def _agent_left(self, code: int | None, reason: str | None) -> None:
+        if self._intent or self.state in State.LEAVING:
+            return  # we are ending or transferring; the inbox task finishes the call
+        if ended_by_agent(code, reason):
+            self._log.info("agent_ended_call", reason=reason)
+            await self._transition(State.ENDING, cause="agent_ended_call")
+            await self._drain()
+            await self._hang_up("agent_ended_call")
+        else:
+            self._log.warning("agent_disconnected", close_code=code, close_reason=reason)
+            await self._hang_up("agent_disconnected")
+
+    # Ending
+
+    async def _drain(self) -> None:
+        """Wait until the caller has heard everything the agent said (bounded)."""
+        await self._mark(force=True)
+        budget = self.playback.unplayed_s + self._drain_s
+        try:
+            async with asyncio.timeout(budget):
+                await self.playback.played_out.wait()
+        except TimeoutError:
+            self._log.warning("drain_timed_out", waited_s=round(budget, 2))
+
+    async def _hang_up(self, outcome: str) -> None:
+        if self.state not in State.LEAVING:
+            await self._transition(State.ENDING, cause=outcome)
+        try:
+            await self._control.hangup(self.call_sid)
+        except Exception as exc:
+            # Closing the media socket runs the TwiML after </Connect>, which hangs up too.
+            self._log.error("hangup_failed", error=str(exc))
+        self._finish(outcome)
+
+    # Control actions: validated by the control module, carried out here in the call's tasks
+
+    def submit(self, action: Action) -> None:
+        """Accept an action for this call, or raise ActionRefused (409 and friends)."""
+        current = self._intent or self.state
+        if current in State.FINAL:
+            raise ActionRefused(404, "not_found", "the call has ended")
+        if isinstance(action, EndCall):
+            if current == State.ENDING:
+                return  # a repeated end_call: already under way
+            if current == State.TRANSFERRING:
+                raise ActionRefused(409, "call_transferring", "the call is being transferred")
+        elif current in (State.ENDING, State.TRANSFERRING):
+            raise ActionRefused(409, f"call_{current}", f"the call is already {current}")
+        if isinstance(action, SendDtmf) and self._carrier is None:
+            raise ActionRefused(409, "call_not_live", "the call has no media stream yet")
+        try:
+            self._inbox.put_nowait(action)
+        except asyncio.QueueFull:
+            raise ActionRefused(409, "call_busy", "the call has too many actions pending") from None
+        if isinstance(action, EndCall):
+            self._intent = State.ENDING
+        elif isinstance(action, TransferPlan):
+            self._intent = State.TRANSFERRING
+
+    async def _serve_inbox(self) -> None:
+        while True:
+            action = await self._inbox.get()
+            match action:
+                case EndCall(reason):
+                    await self._end_call(reason)
+                case TransferPlan():
+                    await self._transfer(action)
+                case SendDtmf(digits):
+                    await self._play_dtmf(digits)
+
+    async def _end_call(self, reason: str) -> None:
+        await self._transition(State.ENDING, cause="end_call", reason=reason)
+        await self._drain()
+        await self._hang_up("end_call")
+
+    async def _transfer(self, plan: TransferPlan) -> None:
+        # Marked in the registry before the REST update, so the stream's `stop` that the
+        # update causes is not taken for the caller hanging up.
+        await self._transition(State.TRANSFERRING, target=plan.target, mode=plan.mode)
+        await self._drain()
+        try:
+            await self._control.transfer(self.call_sid, plan)
+        except Exception as exc:
+            self._log.error("transfer_failed", target=plan.target, error=str(exc))
+            self._intent = None
+            await self._transition(State.LIVE, cause="transfer_failed")
+            return
+        self._log.info("transfer_started", target=plan.target)
+        if self._agent is not None:
+            with contextlib.suppress(Exception):
+                await self._agent.close(1000, "call transferred")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.record.public(), "state": self.state, "heard_s": self.playback.heard_s}
