@@ -19,6 +19,7 @@ from gateway.agents.cartesia import AgentConfig, CartesiaAgent
 from gateway.carriers import twilio
 from gateway.carriers.twilio_media import TwilioMediaLeg, wait_for_start
 from gateway.carriers.twilio_rest import TwilioCalls
+from gateway.logging import redactor
 from gateway.metrics import Metrics
 from gateway.registry import CallRecord, MemoryRegistry, SessionRegistry, digest, new_secret
 from gateway.registry.base import LIVE_TTL_S
@@ -315,7 +316,10 @@ async def _read_bounded(request: Request, limit: int) -> bytes:
 
 
 def create_app(settings: Settings | None = None, registry: SessionRegistry | None = None) -> Starlette:
-    gateway = Gateway(settings or Settings.from_env(), registry)
+    settings = settings or Settings.from_env()
+    for secret in settings.secrets:
+        redactor.add(secret)
+    gateway = Gateway(settings, registry)
     app = Starlette(
         routes=[
             Route("/twilio/voice", gateway.voice, methods=["POST"]),

@@ -6,7 +6,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -51,13 +51,16 @@ class Redactor:
 redactor = Redactor()
 
 
-def configure(level: str = "info", fmt: str = "json", secrets: Iterable[str] = ()) -> None:
+def configure(
+    level: str = "info", fmt: str = "json", secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
     """Configure structlog and route stdlib logging (uvicorn, websockets) through it."""
+    stream = stream or sys.stderr
     for secret in secrets:
         redactor.add(secret)
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.dev.ConsoleRenderer(colors=stream.isatty())
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
@@ -74,10 +77,10 @@ def configure(level: str = "info", fmt: str = "json", secrets: Iterable[str] = (
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

@@ -166,13 +166,13 @@ class Playback:
         return name
 
     def echoed(self, name: str) -> None:
-        while self._marks:
+        if not any(mark == name for mark, _ in self._marks):
+            return  # a void mark (sent before a clear) or one we never sent
+        while self._marks:  # marks echo in order: every earlier one has played too
             mark, at = self._marks.popleft()
             self.heard_s = max(self.heard_s, at)
             if mark == name:
                 break
-        else:
-            return  # a void mark (sent before a clear) or one we never sent
         if not self._marks and self.marked_s >= self.sent_s:
             self.played_out.set()
 

@@ -86,6 +86,9 @@ class SimulatedCall:
         self.clears = 0
         self.marks_echoed: list[str] = []
         self.first_audio_at: float | None = None
+        self.last_audio_at: float | None = None  # monotonic time the last agent audio played
+        self.clear_frames: list[int] = []  # index into `heard` (in frames) of each clear
+        self.sent_audio = bytearray()  # every caller frame, as sent
         self.ended = asyncio.Event()
         self.end_reason = ""
         self._queue: deque[bytes | _Mark] = deque()
@@ -176,6 +179,7 @@ class SimulatedCall:
 
     async def send_media(self, mulaw: bytes) -> None:
         self._chunk += 1
+        self.sent_audio += mulaw
         await self.send(
             f'{{"event":"media","sequenceNumber":"{self._next_seq()}","streamSid":"{self.stream_sid}",'
             f'"media":{{"track":"inbound","chunk":"{self._chunk}","timestamp":"{self._chunk * 20}",'
@@ -278,9 +282,11 @@ class SimulatedCall:
                 self._queue.popleft()
         while self._queue and isinstance(self._queue[0], _Mark):
             await self._echo(self._queue.popleft().name)  # type: ignore[union-attr]
-        if out and self.first_audio_at is None:
-            self.first_audio_at = time.monotonic() - self.t0
-            self.log("caller hears the agent")
+        if out:
+            self.last_audio_at = time.monotonic()
+            if self.first_audio_at is None:
+                self.first_audio_at = self.last_audio_at - self.t0
+                self.log("caller hears the agent")
         self.heard += out.ljust(MULAW_FRAME_BYTES, b"\xff")
 
     async def _echo(self, name: str) -> None:
@@ -312,6 +318,7 @@ class SimulatedCall:
                     self._queue.append(_Mark(frame["mark"]["name"]))
                 elif event == "clear":
                     self.clears += 1
+                    self.clear_frames.append(len(self.heard) // MULAW_FRAME_BYTES)
                     self.log("gateway cleared playback (barge-in)")
                     marks = [i for i in self._queue if isinstance(i, _Mark)]
                     self._queue.clear()

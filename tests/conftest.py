@@ -1,0 +1,13 @@
+import io
+
+import pytest
+
+from gateway import logging as gateway_logging
+
+
+@pytest.fixture(scope="session", autouse=True)
+def captured_logs() -> io.StringIO:
+    """Every log line of the test session, as JSON, so tests can look for leaks."""
+    stream = io.StringIO()
+    gateway_logging.configure("debug", "json", stream=stream)
+    return stream

@@ -1,0 +1,271 @@
+"""Whole calls over real sockets: simulated Twilio -> gateway on a free port -> sandbox agent."""
+
+import asyncio
+import os
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gateway.audio import detect_dtmf, pcm16_to_ulaw, rms_dbfs, tone_pcm16, ulaw_to_pcm16
+from gateway.sandbox.agent import GOODBYE_HZ, GREETING_HZ, AgentBehaviour
+from gateway.sandbox.caller import CallScript
+from gateway.sandbox.harness import sandbox
+
+FRAME = 160
+
+
+def frames(mulaw: bytes) -> list[bytes]:
+    return [mulaw[i : i + FRAME] for i in range(0, len(mulaw), FRAME)]
+
+
+def loud(frame: bytes) -> bool:
+    return rms_dbfs(ulaw_to_pcm16(frame)) > -40
+
+
+def dominant_hz(mulaw: bytes) -> float:
+    import numpy as np
+
+    pcm = np.frombuffer(ulaw_to_pcm16(mulaw), dtype="<i2").astype(float)
+    spectrum = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
+    return float(np.fft.rfftfreq(len(pcm), 1 / 8000)[int(np.argmax(spectrum))])
+
+
+def gateway_of(box):
+    return box.app.state.gateway
+
+
+async def wait_until(predicate, within_s: float = 5.0) -> None:
+    async with asyncio.timeout(within_s):
+        while not predicate():  # noqa: ASYNC110 (polls state owned by the server)
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("output_format", ["mulaw_8000", "pcm_16000", "pcm_24000", "pcm_44100"])
+async def test_greeting_reaches_the_caller_in_every_output_format(output_format):
+    async with sandbox(AgentBehaviour(output_format=output_format, greeting_s=0.6)) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(hangup_at=1.2))
+    heard = [f for f in frames(bytes(call.heard)) if loud(f)]
+    assert len(heard) >= 25  # 0.6 s of greeting, at least 0.5 s of it intact
+    assert abs(dominant_hz(b"".join(heard)) - GREETING_HZ) < 15
+    assert call.protocol_errors == []
+
+
+async def test_caller_audio_reaches_the_agent_byte_for_byte():
+    voice = os.urandom(FRAME * 40)  # 0.8 s of noise; any bytes are valid mu-law
+    async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(audio=voice, hangup_at=1.2))
+        agent_call = await box.agent.wait_for_call()
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+    assert bytes(agent_call.audio_in) == bytes(call.sent_audio)
+    assert voice in bytes(agent_call.audio_in)
+    config = agent_call.start["config"]
+    assert config["input_format"] == "mulaw_8000"
+
+
+async def test_caller_frames_before_the_ack_are_held_and_sent_in_order():
+    voice = os.urandom(FRAME * 30)
+    async with sandbox(AgentBehaviour(greeting_s=0.2, ack_delay_s=0.4)) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(audio=voice, hangup_at=1.0))
+        agent_call = await box.agent.wait_for_call()
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+    assert bytes(agent_call.audio_in) == bytes(call.sent_audio)
+
+
+async def test_barge_in_clear_reaches_twilio_and_playback_stops():
+    voice = pcm16_to_ulaw(tone_pcm16(300, 0.4, 8000, amplitude=0.5))
+    async with sandbox(AgentBehaviour(greeting_s=3.0)) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(audio=voice, speak_at=0.6, hangup_at=2.5))
+        agent_call = await box.agent.wait_for_call()
+    assert agent_call.clears_sent == 1
+    assert call.clears == 1
+    clear_at = call.clear_frames[0]
+    heard = frames(bytes(call.heard))
+    assert any(loud(f) for f in heard[:clear_at])
+    # Without the clear the greeting would go on for seconds; after it the caller hears silence.
+    assert not any(loud(f) for f in heard[clear_at + 1 : clear_at + 60])
+
+
+async def test_dtmf_goes_both_ways():
+    behaviour = AgentBehaviour(greeting_s=0.2, dtmf_replies={"*": "147"})
+    async with sandbox(behaviour) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(dtmf=[(0.5, "5"), (0.7, "*")], hangup_at=2.5))
+        agent_call = await box.agent.wait_for_call()
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+    assert agent_call.dtmf_in == ["5", "*"]
+    assert detect_dtmf(call.heard_pcm16()) == "147"
+
+
+async def test_agent_ending_the_call_hangs_up_after_its_last_words_played():
+    behaviour = AgentBehaviour(greeting_s=0.2, goodbye_s=0.8, pace=8.0)
+    async with sandbox(behaviour) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(dtmf=[(0.5, "#")], max_s=10))
+        hangups = box.rest.hangups(call.call_sid)
+        assert len(hangups) == 1
+        assert hangups[0].authorised
+        gateway = gateway_of(box)
+        await wait_until(lambda: not gateway.sessions)
+        assert await gateway.registry.get(call.call_sid) is None
+    goodbye = [f for f in frames(bytes(call.heard)) if loud(f)]
+    assert abs(dominant_hz(b"".join(goodbye[-30:])) - GOODBYE_HZ) < 15
+    # The whole goodbye played (0.8 s = 40 frames) and the hang-up came after its end.
+    assert len(goodbye) >= 40 + 9
+    assert hangups[0].at >= call.last_audio_at - 0.05
+    assert call.end_reason == "hung up via REST"
+
+
+async def test_caller_hanging_up_closes_the_agent_socket_and_removes_the_session():
+    async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(hangup_at=0.5))
+        agent_call = await box.agent.wait_for_call()
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+        gateway = gateway_of(box)
+        await wait_until(lambda: not gateway.sessions)
+        assert await gateway.registry.get(call.call_sid) is None
+        assert box.rest.hangups() == []
+    assert agent_call.close_code == 1000
+
+
+async def test_forged_or_missing_webhook_signature_is_refused():
+    async with sandbox() as box:
+        call = box.new_call()
+        assert await call.dial(signature="Zm9yZ2Vk") == 403
+        assert await call.dial(signature="") == 403
+        tampered = box.new_call()
+        tampered.extra_form = {"From": "+19998887777"}  # signed, then changed on the way
+        sig = tampered.sign(box.url + "/twilio/voice", {**tampered.webhook_form(), "From": "+1555"})
+        assert await tampered.dial(signature=sig) == 403
+        assert await box.new_call().dial() == 200
+        assert box.agent.calls == []
+
+
+async def test_forged_or_missing_upgrade_signature_is_refused_before_accept():
+    async with sandbox() as box:
+        call = box.new_call()
+        assert await call.dial() == 200
+        for signature in ("", "Zm9yZ2Vk"):
+            headers = {"X-Twilio-Signature": signature} if signature else {}
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(call.stream_url, additional_headers=headers, proxy=None)
+            assert refused.value.response.status_code == 403
+        assert box.agent.calls == []
+        # The real call is still usable.
+        await call.open_stream()
+        await call.run(CallScript(hangup_at=0.5))
+        assert call.first_audio_at is not None
+
+
+async def test_wrong_session_parameter_is_refused_and_the_real_session_survives():
+    async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
+        call = box.new_call()
+        assert await call.dial() == 200
+        await call.open_stream(parameters={"session": "not-the-token"})
+        await call.run(CallScript(max_s=2))
+        assert call._ws.close_code == 1008
+        assert box.agent.calls == []
+        call.ended.clear()
+        await call.open_stream()
+        await call.run(CallScript(hangup_at=0.5))
+        assert call.first_audio_at is not None
+        assert len(box.agent.calls) == 1
+
+
+async def test_malformed_frames_leave_that_call_and_a_concurrent_call_running():
+    async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
+        bad = await box.connect_call()
+        good = await box.connect_call()
+        for junk in [
+            "not json",
+            "[]",
+            '{"event":"media"}',
+            '{"event":"media","media":{"payload":"!!!not base64"}}',
+            '{"event":"dtmf","dtmf":{"digit":"x"}}',
+            '{"event":"mark","mark":{}}',
+            '{"event":"surprise"}',
+            b"\x00\x01binary",
+        ]:
+            await bad.send(junk)
+        voice = os.urandom(FRAME * 25)
+        await asyncio.gather(
+            bad.run(CallScript(audio=voice, hangup_at=1.0)),
+            good.run(CallScript(audio=voice, hangup_at=1.0)),
+        )
+        await asyncio.sleep(0.2)
+        audio_by_call = {c.metadata["call_sid"]: bytes(c.audio_in) for c in box.agent.calls}
+    assert audio_by_call[bad.call_sid] == bytes(bad.sent_audio)
+    assert audio_by_call[good.call_sid] == bytes(good.sent_audio)
+    assert bad.end_reason == good.end_reason == "caller hung up"
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [AgentBehaviour(refuse_status=429), AgentBehaviour(never_ack=True)],
+    ids=["refused", "no-ack"],
+)
+async def test_unavailable_agent_ends_the_call_instead_of_leaving_silence(behaviour, monkeypatch):
+    monkeypatch.setattr("gateway.agents.cartesia.ACK_TIMEOUT_S", 0.5)
+    async with sandbox(behaviour) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(max_s=5))
+        assert len(box.rest.hangups(call.call_sid)) == 1
+        assert call.end_reason in {"hung up via REST", "gateway closed the stream"}
+
+
+async def test_unreachable_agent_ends_the_call():
+    from gateway.sandbox.servers import free_port
+
+    async with sandbox(cartesia_url=f"ws://127.0.0.1:{free_port()}") as box:
+        call = await box.connect_call()
+        await call.run(CallScript(max_s=5))
+        assert len(box.rest.hangups(call.call_sid)) == 1
+
+
+async def test_a_second_socket_for_the_call_replaces_the_first():
+    async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
+        first = await box.connect_call()
+        runner = asyncio.create_task(first.run(CallScript(max_s=5)))
+        await box.agent.wait_for_call()
+        await asyncio.sleep(0.3)
+        second = box.new_call(call_sid=first.call_sid)
+        second.stream_url, second.parameters = first.stream_url, first.parameters
+        box.calls[first.call_sid] = second
+        await second.open_stream(stream_sid="MZ" + "b" * 32)
+        voice = os.urandom(FRAME * 10)
+        await second.run(CallScript(audio=voice, dtmf=[(0.3, "3")], hangup_at=0.6))
+        await runner
+        agent_call = box.agent.calls[0]
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+    assert first.end_reason == "gateway closed the stream"
+    assert len(box.agent.calls) == 1  # the agent session carried over
+    assert voice in bytes(agent_call.audio_in)
+    assert agent_call.dtmf_in == ["3"]
+
+
+async def test_final_status_callback_ends_and_removes_the_session():
+    async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
+        call = await box.connect_call()
+        runner = asyncio.create_task(call.run(CallScript(max_s=5)))
+        await box.agent.wait_for_call()
+        import aiohttp
+
+        form = {"CallSid": call.call_sid, "CallStatus": "completed", "AccountSid": call.account_sid}
+        async with aiohttp.ClientSession() as http:
+            forged = await http.post(
+                box.url + "/twilio/status", data=form, headers={"X-Twilio-Signature": "x"}
+            )
+            assert forged.status == 403
+            sig = call.sign(box.url + "/twilio/status", form)
+            ok = await http.post(box.url + "/twilio/status", data=form, headers={"X-Twilio-Signature": sig})
+            assert ok.status == 204
+        await asyncio.wait_for(runner, 5)
+        gateway = gateway_of(box)
+        await wait_until(lambda: not gateway.sessions)
+        assert await gateway.registry.get(call.call_sid) is None
+        assert box.rest.hangups() == []
