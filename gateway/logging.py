@@ -99,3 +99,5 @@ def configure(
     logging.getLogger("twilio").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    # uvicorn's WebSocket protocol logs frames at DEBUG, and `start` carries the session token.
+    logging.getLogger("uvicorn.error").setLevel(max(numeric, logging.INFO))
