@@ -3,7 +3,6 @@
 import asyncio
 
 import aiohttp
-import pytest
 
 from gateway.audio import detect_dtmf
 from gateway.sandbox.agent import AgentBehaviour
@@ -96,7 +95,7 @@ async def test_voximplant_end_call_tool_works_unchanged():
 
 async def test_end_call_alias_repeats_are_idempotent_and_conflicts_are_409():
     async with sandbox(AgentBehaviour(greeting_s=0.2), end_call_drain_s=1.0, transfer_allow=ALLOW) as box:
-        call, agent_call, runner, url = await live_call(box)
+        call, _agent_call, runner, url = await live_call(box)
         assert (await post(url, {"action": "hangup", "reason": "done"}))[0] == 200
         assert (await post(url, {"action": "end_call"}))[0] == 200
         assert_error(*(await post(url, {"action": "transfer", "to": "+15551234567"})), 409, "call_ending")
@@ -107,7 +106,7 @@ async def test_end_call_alias_repeats_are_idempotent_and_conflicts_are_409():
 
 async def test_send_dtmf_plays_tones_to_the_caller():
     async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
-        call, agent_call, runner, url = await live_call(box)
+        call, _agent_call, runner, url = await live_call(box)
         status, body = await post(url, {"action": "send_dtmf", "digits": "90#"})
         assert (status, body) == (200, {"ok": True, "action": "send_dtmf", "call_sid": call.call_sid})
         await asyncio.sleep(1.0)
@@ -148,7 +147,7 @@ BAD_REQUESTS = [
 
 async def test_every_control_error_has_its_status_and_json_body():
     async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
-        call, agent_call, runner, url = await live_call(box)
+        call, _agent_call, runner, url = await live_call(box)
         for raw, status, code in BAD_REQUESTS:
             assert_error(*(await post(url, raw=raw)), status, code)
         message = (await post(url, {"action": "explode"}))[1]["error"]["message"]
