@@ -21,7 +21,14 @@ from gateway.carriers.twilio_media import TwilioMediaLeg, wait_for_start
 from gateway.carriers.twilio_rest import TwilioCalls
 from gateway.logging import redactor
 from gateway.metrics import Metrics
-from gateway.registry import CallRecord, MemoryRegistry, SessionRegistry, digest, new_secret
+from gateway.registry import (
+    CallRecord,
+    MemoryRegistry,
+    RegistryUnavailable,
+    SessionRegistry,
+    digest,
+    new_secret,
+)
 from gateway.registry.base import LIVE_TTL_S
 from gateway.session import ActionRefused, EndCall, Session, State, TransferPlan
 from gateway.settings import Settings
@@ -170,7 +177,12 @@ class Gateway:
             await ws.close(1008, "no start")
             return
         bound = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
-        record = await self.registry.get(start.call_sid)
+        try:
+            record = await self.registry.get(start.call_sid)
+        except RegistryUnavailable:
+            bound.error("media_refused_registry_unavailable")
+            await ws.close(1011, "registry unavailable")
+            return
         token = start.parameters.get("session", "")
         if record is None or digest(token) != record.token_hash:
             bound.warning("media_session_rejected", known_call=record is not None)
@@ -236,6 +248,10 @@ class Gateway:
             payload = control.parse_body(await _read_bounded(request, control.MAX_BODY_BYTES))
             action = control.build_action(record, payload, self.policy)
             body = await self._execute(record, payload, action)
+        except RegistryUnavailable:
+            exc = control.error(503, "registry_unavailable", "the call registry cannot be reached; retry")
+            self.metrics.control(exc.status)
+            return Response(control.dumps(control.error_body(exc)), exc.status, media_type="application/json")
         except ActionRefused as exc:
             self.metrics.control(exc.status)
             return Response(control.dumps(control.error_body(exc)), exc.status, media_type="application/json")

@@ -3,6 +3,7 @@ import io
 import pytest
 
 from gateway import logging as gateway_logging
+from tests.redis_server import redis_server  # noqa: F401 (a fixture for every test module)
 
 
 @pytest.fixture(scope="session", autouse=True)

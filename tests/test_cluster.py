@@ -1,0 +1,242 @@
+"""Two gateway processes on one real Redis: control routed to the owner, and survival of faults."""
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from gateway.registry.redis import RedisRegistry
+from gateway.sandbox.agent import AgentBehaviour, AgentEmulator
+from gateway.sandbox.caller import CallScript, SimulatedCall
+from gateway.sandbox.harness import ACCOUNT_SID, sandbox
+from gateway.sandbox.servers import free_port, serve
+from gateway.sandbox.twilio_rest_fake import TwilioRestFake
+from tests.redis_server import RedisServer
+
+
+class GatewayProcess:
+    """`line-gateway serve` in its own process, as it runs in production."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "PORT": str(self.port), "PUBLIC_URL": self.url}
+        self.proc: subprocess.Popen | None = None
+        self.log = ""
+
+    async def start(self) -> "GatewayProcess":
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 (starting a child does not block)
+            [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(self.url + "/readyz") as resp:
+                        if resp.status == 200:
+                            return self
+                if self.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"gateway did not start: {self.stop()}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def stop(self) -> str:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.log = self.proc.stderr.read()
+        return self.log[-3000:]
+
+
+@contextlib.asynccontextmanager
+async def cluster(redis_url: str, behaviour: AgentBehaviour | None = None, instances: int = 2):
+    auth_token = secrets.token_hex(16)
+    rest = TwilioRestFake(ACCOUNT_SID, auth_token)
+    agent = AgentEmulator(behaviour or AgentBehaviour(greeting_s=0.3))
+    calls: dict[str, SimulatedCall] = {}
+
+    async def carrier_update(call_sid: str, form: dict[str, str]) -> None:
+        if call_sid in calls:
+            await calls[call_sid].carrier_update(form)
+
+    rest.on_update = carrier_update
+    async with serve(rest.app) as rest_url, agent.running():
+        env = {
+            "REDIS_URL": redis_url,
+            "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+            "TWILIO_AUTH_TOKEN": auth_token,
+            "TWILIO_API_BASE": rest_url,
+            "CARTESIA_API_KEY": "sk_cluster_test",
+            "CARTESIA_AGENT_ID": "agent_cluster",
+            "CARTESIA_URL": agent.url,
+            "END_CALL_DRAIN_S": "2",
+            "LOG_LEVEL": "info",
+        }
+        gateways = [GatewayProcess(env) for _ in range(instances)]
+        try:
+            await asyncio.gather(*(g.start() for g in gateways))
+            yield gateways, rest, agent, calls, auth_token
+        finally:
+            for g in gateways:
+                g.stop()
+
+
+async def start_call(gateway: GatewayProcess, auth_token: str, rest, calls) -> SimulatedCall:
+    call = SimulatedCall(gateway.url, auth_token, account_sid=ACCOUNT_SID)
+    calls[call.call_sid] = call
+    rest.add_call(call.call_sid)
+    assert await call.dial() == 200
+    await call.open_stream()
+    return call
+
+
+async def agent_call_for(agent: AgentEmulator, call_sid: str):
+    async with asyncio.timeout(10):
+        while True:
+            for c in agent.calls:
+                if c.metadata.get("call_sid") == call_sid:
+                    return c
+            await asyncio.sleep(0.02)
+
+
+async def post(url: str, body: dict) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
+        return resp.status, await resp.json()
+
+
+def on(gateway: GatewayProcess, control_url: str) -> str:
+    """The same control URL, taken by another instance (as a load balancer would send it)."""
+    return gateway.url + "/control/" + control_url.rsplit("/", 1)[1]
+
+
+async def test_control_on_instance_b_is_carried_out_by_instance_a(redis_server):
+    async with cluster(redis_server.url) as (gateways, rest, agent, calls, token):
+        a, b = gateways
+        call = await start_call(a, token, rest, calls)
+        runner = asyncio.create_task(call.run(CallScript(max_s=20)))
+        agent_call = await agent_call_for(agent, call.call_sid)
+        control_url = agent_call.metadata["control_url"]
+        assert control_url.startswith(a.url)
+        async with aiohttp.ClientSession() as http, http.get(on(b, control_url)) as resp:
+            state = await resp.json()
+        assert state["call_sid"] == call.call_sid and state["state"] == "live"
+        status, body = await post(on(b, control_url), {"action": "end_call"})
+        assert (status, body) == (200, {"ok": True, "action": "end_call", "call_sid": call.call_sid})
+        await asyncio.wait_for(runner, 10)
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+        (hangup,) = rest.hangups()
+        assert hangup.call_sid == call.call_sid and hangup.authorised
+        assert agent_call.close_code == 1000
+        # The token died with the call, on every instance.
+        assert (await post(on(b, control_url), {"action": "end_call"}))[0] == 404
+        assert (await post(on(a, control_url), {"action": "end_call"}))[0] == 404
+        # Errors found by the owner come back through B as they are.
+        call2 = await start_call(a, token, rest, calls)
+        runner2 = asyncio.create_task(call2.run(CallScript(max_s=20)))
+        url2 = (await agent_call_for(agent, call2.call_sid)).metadata["control_url"]
+        assert (await post(on(b, url2), {"action": "send_dtmf", "digits": "5"}))[0] == 200
+        assert (await post(on(b, url2), {"action": "hangup"}))[0] == 200
+        status, body = await post(on(b, url2), {"action": "send_dtmf", "digits": "5"})
+        assert (status, body["error"]["code"]) == (409, "call_ending")
+        await asyncio.wait_for(runner2, 10)
+
+
+async def test_when_the_owner_dies_another_instance_hangs_up_through_rest(redis_server):
+    async with cluster(redis_server.url) as (gateways, rest, agent, calls, token):
+        a, b = gateways
+        call = await start_call(a, token, rest, calls)
+        runner = asyncio.create_task(call.run(CallScript(max_s=30)))
+        control_url = (await agent_call_for(agent, call.call_sid)).metadata["control_url"]
+        await asyncio.sleep(0.3)
+        a.kill()
+        # While A's heartbeat lives, B waits for it and answers 503; once it expires (6 s), B
+        # acts through Twilio's REST API itself.
+        statuses = []
+        async with asyncio.timeout(15):
+            while True:
+                status, body = await post(on(b, control_url), {"action": "end_call"})
+                statuses.append(status)
+                if status == 200:
+                    break
+                assert (status, body["error"]["code"]) == (503, "owner_unavailable")
+                await asyncio.sleep(0.5)
+        (hangup,) = rest.hangups()
+        assert hangup.call_sid == call.call_sid
+        assert (await post(on(b, control_url), {"action": "end_call"}))[0] == 404
+        await asyncio.wait_for(runner, 10)
+
+
+async def test_a_redis_outage_never_drops_a_live_call(redis_server):
+    server = RedisServer().start()
+    try:
+        registry = RedisRegistry(server.url)
+        async with sandbox(AgentBehaviour(greeting_s=0.3), registry=registry) as box:
+            call = await box.connect_call()
+            runner = asyncio.create_task(call.run(CallScript(audio=os.urandom(160 * 200), max_s=30)))
+            agent_call = await box.agent.wait_for_call()
+            url = agent_call.metadata["control_url"]
+            await asyncio.sleep(0.5)
+            server.stop()
+            before = len(agent_call.audio_in)
+            await asyncio.sleep(1.5)
+            # Media does not touch Redis: the caller's audio still flows to the agent ...
+            assert len(agent_call.audio_in) >= before + 160 * 50
+            # ... and the instance serves its own call's control from memory.
+            status, _ = await post(url, {"action": "send_dtmf", "digits": "1"})
+            assert status == 200
+            server.start()
+            # Within 5 s of Redis answering, the call is registered there again.
+            import redis.asyncio as redis
+
+            client = redis.from_url(server.url)
+            try:
+                async with asyncio.timeout(6):
+                    while not await client.keys("*call*"):  # noqa: ASYNC110
+                        await asyncio.sleep(0.1)
+            finally:
+                await client.aclose()
+            status, body = await post(url, {"action": "end_call"})
+            assert (status, body["ok"]) == (200, True)
+            await asyncio.wait_for(runner, 10)
+            assert len(box.rest.hangups(call.call_sid)) == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("instances", [1])
+async def test_readyz_reports_the_registry(redis_server, instances):
+    server = RedisServer().start()
+    try:
+        async with cluster(server.url, instances=instances) as (gateways, *_):
+            (g,) = gateways
+            server.stop()
+            async with aiohttp.ClientSession() as http:
+                async with asyncio.timeout(5):
+                    while True:
+                        async with http.get(g.url + "/readyz") as resp:
+                            if resp.status == 503:
+                                break
+                        await asyncio.sleep(0.1)
+                async with http.get(g.url + "/healthz") as resp:
+                    assert resp.status == 200
+    finally:
+        server.stop()
