@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import orjson
 import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -14,13 +17,16 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from gateway import control
+from gateway import control, outbound
 from gateway.agents.cartesia import AgentConfig, CartesiaAgent
+from gateway.call_events import CallEvents
 from gateway.carriers import twilio
 from gateway.carriers.twilio_media import TwilioMediaLeg, wait_for_start
-from gateway.carriers.twilio_rest import TwilioCalls
+from gateway.carriers.twilio_rest import TwilioCalls, TwilioRestError
 from gateway.logging import redactor
 from gateway.metrics import Metrics
+from gateway.outbound import Dialer, MemoryOutboundStore, RedisOutboundStore
+from gateway.recording import CallRecorder
 from gateway.registry import (
     CallRecord,
     MemoryRegistry,
@@ -32,11 +38,16 @@ from gateway.registry import (
 from gateway.registry.base import LIVE_TTL_S
 from gateway.session import ActionRefused, EndCall, Session, State, TransferPlan
 from gateway.settings import Settings
+from gateway.transfers import NOT_TAKEN, Transfers
 
 log = structlog.get_logger(__name__)
 
 # Twilio's webhooks are a few KiB of form fields; anything far larger is not Twilio.
 MAX_WEBHOOK_BYTES = 64 * 1024
+MAX_API_BODY_BYTES = 16 * 1024
+MAX_BATCH_BODY_BYTES = 1024 * 1024  # 1,000 recipients with some metadata each
+# POST /calls waits at most this long for its turn under CALLS_PER_SECOND, then answers 429.
+MAX_START_WAIT_S = 10.0
 FINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 TWIML = "application/xml"
 
@@ -57,8 +68,14 @@ class Gateway:
             settings.cartesia_url, settings.cartesia_api_key, settings.cartesia_version
         )
         self.calls: TwilioCalls | None = None
+        self.transfers: Transfers | None = None
+        self.dialer: Dialer | None = None
         self.sessions: dict[str, Session] = {}
+        self._side_jobs: set[asyncio.Task[Any]] = set()
         self.metrics = Metrics()
+        self.events = CallEvents(
+            settings.call_events_url, settings.call_events_secret, instance_id=self.registry.instance_id
+        )
         self.draining = False
 
     @staticmethod
@@ -73,9 +90,21 @@ class Gateway:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         s = self.settings
         self.calls = TwilioCalls(s.twilio_account_sid, s.twilio_auth_token, s.twilio_api_base)
+        self.transfers = Transfers(self.calls, s, self.url, self._reconnect)
+        store = RedisOutboundStore(s.redis_url) if s.redis_url else MemoryOutboundStore()
+        self.dialer = Dialer(
+            store,
+            self.registry,
+            self.calls.create_call,
+            self.url,
+            calls_per_second=s.calls_per_second,
+            max_concurrent=s.max_concurrent_calls,
+        )
+        await self.dialer.start()
         if not s.twilio_validate_signatures:
             log.warning("twilio_signature_checks_disabled", hint="never do this in production")
         await self.registry.start(self.handle_routed)
+        await self.events.start()
         log.info(
             "gateway_started",
             instance=self.registry.instance_id,
@@ -93,6 +122,8 @@ class Gateway:
                 async with asyncio.timeout(10):
                     while self.sessions:  # noqa: ASYNC110 (sessions end on their own)
                         await asyncio.sleep(0.05)
+            await self.dialer.close()
+            await self.events.close()
             await self.registry.close()
             await self.calls.close()
             log.info("gateway_stopped")
@@ -125,12 +156,22 @@ class Gateway:
         if not call_sid:
             return PlainTextResponse("CallSid is required\n", status_code=400)
         bound = log.bind(call_sid=call_sid)
-        agent_id = request.query_params.get("agent") or self.settings.cartesia_agent_id
+        dialled = await self.registry.get(call_sid)  # an outbound call we started ourselves
+        if dialled is not None and dialled.state != State.DIALING:
+            dialled = None
+        route = route_for(self.settings.agent_routes, form.get("To", ""))
+        agent_id = (
+            request.query_params.get("agent")
+            or (dialled.agent_id if dialled else "")
+            or route.get("agent", "")
+            or self.settings.cartesia_agent_id
+        )
         if not agent_id or self.draining:
             bound.error("call_refused", reason="no agent configured" if not agent_id else "draining")
             return Response(twilio.hangup_twiml(), media_type=TWIML)
-        token = new_secret()
-        sip_headers = {k[len("SipHeader_") :]: v for k, v in form.items() if k.startswith("SipHeader_")}
+        metadata = {**route.get("metadata", {}), **(dialled.metadata if dialled else {})}
+        if form.get("AnsweredBy"):
+            metadata["answered_by"] = form["AnsweredBy"]
         record = CallRecord(
             call_sid=call_sid,
             owner=self.registry.instance_id,
@@ -139,21 +180,73 @@ class Gateway:
             to=form.get("To", ""),
             agent_id=agent_id,
             direction=form.get("Direction", "inbound"),
-            token_hash=digest(token),
+            token_hash="",
             account_sid=form.get("AccountSid", ""),
-            sip_headers=sip_headers,
+            sip_headers={k[len("SipHeader_") :]: v for k, v in form.items() if k.startswith("SipHeader_")},
+            metadata=metadata,
         )
-        await self.registry.put(record)
         self.metrics.calls_answered += 1
         bound.info("call_state", state=State.RINGING, agent_id=agent_id, direction=record.direction)
-        twiml = twilio.connect_stream_twiml(twilio.stream_url(self.settings.public_url), {"session": token})
-        return Response(twiml, media_type=TWIML)
+        return Response(await self._stream_twiml(record), media_type=TWIML)
+
+    async def _stream_twiml(self, record: CallRecord) -> str:
+        """Register a fresh agent session for the call and the TwiML that connects its stream."""
+        token = new_secret()
+        record.token_hash = digest(token)
+        record.owner = self.registry.instance_id
+        record.state = State.RINGING
+        await self.registry.put(record)
+        return twilio.connect_stream_twiml(twilio.stream_url(self.settings.public_url), {"session": token})
+
+    async def _reconnect(self, call_sid: str, why: dict[str, str]) -> str | None:
+        """A transfer was not taken: the caller goes back to an agent that is told why."""
+        record = await self.registry.get(call_sid)
+        if record is None:
+            return None
+        record.metadata = {**record.metadata, "transfer_failed": why}
+        return await self._stream_twiml(record)
+
+    async def dial_action(self, request: Request) -> Response:
+        """Twilio posts a blind transfer's outcome here when its `<Dial>` ends."""
+        form = await self._signed_form(request)
+        if isinstance(form, Response):
+            return form
+        call_sid, status = form.get("CallSid", ""), form.get("DialCallStatus", "")
+        destination = request.query_params.get("to", "")
+        taken = status not in NOT_TAKEN
+        self.events.emit(
+            "transfer.completed" if taken else "transfer.failed",
+            call_sid,
+            destination=destination,
+            status=status,
+            mode="blind",
+        )
+        return Response(await self.transfers.after_dial(call_sid, status, destination), media_type=TWIML)
+
+    async def warm_status(self, request: Request) -> Response:
+        """Status of the human's leg of a warm transfer."""
+        form = await self._signed_form(request)
+        if isinstance(form, Response):
+            return form
+        caller = request.query_params.get("caller", "")
+        destination = request.query_params.get("to", "")
+        status = form.get("CallStatus", "")
+        if status in NOT_TAKEN and caller:
+            self.events.emit("transfer.failed", caller, destination=destination, status=status, mode="warm")
+            await self.transfers.return_caller(caller, status, destination)
+        elif status == "in-progress" and caller:
+            self.events.emit(
+                "transfer.completed", caller, destination=destination, status=status, mode="warm"
+            )
+        return Response(status_code=204)
 
     async def status(self, request: Request) -> Response:
         form = await self._signed_form(request)
         if isinstance(form, Response):
             return form
         call_sid, call_status = form.get("CallSid", ""), form.get("CallStatus", "")
+        if "slot" in request.query_params and self.dialer is not None:
+            await self.dialer.call_status(call_sid, call_status, dict(request.query_params))
         if call_sid and call_status in FINAL_CALL_STATUSES:
             log.info("call_status_final", call_sid=call_sid, status=call_status)
             session = self.sessions.get(call_sid)
@@ -200,12 +293,17 @@ class Gateway:
         session = Session(
             record,
             registry=self.registry,
-            control=self.calls,  # type: ignore[arg-type]
+            control=self.transfers,  # type: ignore[arg-type]
             open_agent=lambda rec: self._open_agent(rec, token),
             plan_transfer=lambda rec, fields: control.plan_transfer(rec, fields, self.policy),
             output_format=self.settings.cartesia_output_format,
             end_call_drain_s=self.settings.end_call_drain_s,
+            emit=self.events.emit,
+            recorder=CallRecorder() if self.settings.recordings_dir else None,
+            recordings_dir=self.settings.recordings_dir,
         )
+        if self.settings.record_calls:
+            self._spawn(self._start_twilio_recording(start.call_sid))
         self.sessions[start.call_sid] = session
         self.metrics.calls_active += 1
         try:
@@ -214,6 +312,39 @@ class Gateway:
             self.metrics.calls_active -= 1
             if self.sessions.get(start.call_sid) is session:
                 del self.sessions[start.call_sid]
+
+    def _spawn(self, coro: Any) -> None:
+        """A short side job of a call (bounded by its own timeouts), kept until it finishes."""
+        task = asyncio.create_task(coro)
+        self._side_jobs.add(task)
+        task.add_done_callback(self._side_jobs.discard)
+
+    async def _start_twilio_recording(self, call_sid: str) -> None:
+        assert self.calls is not None
+        try:
+            sid = await self.calls.record(call_sid, self.url("/twilio/recording"))
+        except Exception as exc:
+            log.error("recording_not_started", call_sid=call_sid, error=str(exc))
+            return
+        log.info("recording_started", call_sid=call_sid, recording_sid=sid)
+
+    async def recording_status(self, request: Request) -> Response:
+        """Twilio's recording status callback: report where the finished recording is."""
+        form = await self._signed_form(request)
+        if isinstance(form, Response):
+            return form
+        call_sid = form.get("CallSid", "")
+        report = {
+            "recording_sid": form.get("RecordingSid", ""),
+            "recording_url": form.get("RecordingUrl", ""),
+            "status": form.get("RecordingStatus", ""),
+            "duration_s": form.get("RecordingDuration", ""),
+            "channels": form.get("RecordingChannels", ""),
+        }
+        log.info("recording_reported", call_sid=call_sid, **report)
+        if report["status"] == "completed":
+            self.events.emit("recording.completed", call_sid, **report)
+        return Response(status_code=204)
 
     async def _open_agent(self, record: CallRecord, token: str) -> CartesiaAgent:
         control_url = self.control_url(token)
@@ -278,18 +409,20 @@ class Gateway:
 
     async def _act_without_owner(self, record: CallRecord, action: Any) -> dict[str, Any]:
         """The owner is gone: do what the REST API can do alone (hang up, transfer)."""
-        assert self.calls is not None
+        assert self.calls is not None and self.transfers is not None
         bound = log.bind(call_sid=record.call_sid)
         if isinstance(action, TransferPlan):
             await self.registry.set_state(record.call_sid, State.TRANSFERRING)
-            await self.calls.transfer(record.call_sid, action)
+            await self.transfers.transfer(record.call_sid, action)
+            # Kept, not deleted: a transfer nobody takes brings the caller back to an agent.
+            await self.registry.set_state(record.call_sid, State.TRANSFERRED)
             bound.info("orphan_call_transferred", target=action.target)
         elif isinstance(action, EndCall):
             await self.calls.hangup(record.call_sid)
+            await self.registry.delete(record.call_sid)
             bound.info("orphan_call_hung_up")
         else:
             raise control.error(503, "owner_unavailable", "the call's media is on an instance that is gone")
-        await self.registry.delete(record.call_sid)
         return control.ok_body(action, record.call_sid)
 
     async def handle_routed(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -304,6 +437,76 @@ class Gateway:
             return {"status": exc.status, "body": control.error_body(exc)}
         return {"status": 200, "body": control.ok_body(action, session.call_sid)}
 
+    # Outbound
+
+    def _api_key_ok(self, request: Request) -> ActionRefused | None:
+        key = self.settings.gateway_api_key
+        if not key:
+            return control.error(404, "outbound_disabled", "outbound calls need GATEWAY_API_KEY")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return control.error(
+                401, "unauthorized", "a valid 'Authorization: Bearer <GATEWAY_API_KEY>' is needed"
+            )
+        return None
+
+    async def outbound_call(self, request: Request) -> Response:
+        assert self.dialer is not None
+        try:
+            refused = self._api_key_ok(request)
+            if refused:
+                raise refused
+            body = await _read_bounded(request, MAX_API_BODY_BYTES)
+            args = outbound.parse_call(
+                _json(body), default_from=self._default_from(), default_agent=self.settings.cartesia_agent_id
+            )
+            slot = "c" + secrets.token_hex(8)
+            if not await self.dialer.store.acquire_slot(slot, self.settings.max_concurrent_calls):
+                raise control.error(429, "too_many_calls", "MAX_CONCURRENT_CALLS outbound calls are live")
+            wait = await self.dialer.store.reserve_start(self.settings.calls_per_second)
+            if wait > MAX_START_WAIT_S:
+                await self.dialer.store.release_slot(slot)
+                raise control.error(429, "rate_limited", f"CALLS_PER_SECOND reached; retry in {wait:.0f} s")
+            await asyncio.sleep(wait)
+            try:
+                call_sid = await self.dialer.dial(**args, slot=slot)
+            except TwilioRestError as exc:
+                raise control.error(502, "twilio_refused", str(exc)) from None
+        except ActionRefused as exc:
+            return _error_response(exc)
+        except RegistryUnavailable:
+            return _error_response(control.error(503, "registry_unavailable", "retry"))
+        return JSONResponse({"ok": True, "call_sid": call_sid}, status_code=201)
+
+    def _default_from(self) -> str:
+        return self.settings.outbound_from or self.settings.transfer_caller_id
+
+    async def outbound_batch(self, request: Request) -> Response:
+        assert self.dialer is not None
+        try:
+            refused = self._api_key_ok(request)
+            if refused:
+                raise refused
+            body = await _read_bounded(request, MAX_BATCH_BODY_BYTES)
+            spec = outbound.parse_batch(
+                _json(body), default_from=self._default_from(), default_agent=self.settings.cartesia_agent_id
+            )
+            await self.dialer.store.create_batch(spec)
+        except ActionRefused as exc:
+            return _error_response(exc)
+        log.info("batch_created", batch_id=spec.batch_id, total=len(spec.recipients))
+        return JSONResponse({"ok": True, "batch_id": spec.batch_id, "total": len(spec.recipients)}, 202)
+
+    async def batch_progress(self, request: Request) -> Response:
+        assert self.dialer is not None
+        refused = self._api_key_ok(request)
+        if refused:
+            return _error_response(refused)
+        found = await self.dialer.store.batch(request.path_params["batch_id"])
+        if found is None:
+            return _error_response(control.error(404, "not_found", "no such batch"))
+        return JSONResponse({"ok": True, **outbound.progress(*found)})
+
     # Platform
 
     async def healthz(self, _request: Request) -> Response:
@@ -315,6 +518,17 @@ class Gateway:
 
     async def metrics_endpoint(self, _request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _error_response(exc: ActionRefused) -> Response:
+    return Response(control.dumps(control.error_body(exc)), exc.status, media_type="application/json")
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise control.error(400, "malformed_json", "the body is not valid JSON") from None
 
 
 async def _read_bounded(request: Request, limit: int) -> bytes:
@@ -331,6 +545,17 @@ async def _read_bounded(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def route_for(routes: Mapping[str, dict[str, Any]], called: str) -> dict[str, Any]:
+    """AGENT_ROUTES entry for the number or SIP URI called: exact, then without SIP parameters."""
+    if not routes or not called:
+        return {}
+    bare = called.split(";", 1)[0]
+    for key in (called, bare, bare.lower()):
+        if key in routes:
+            return routes[key]
+    return {}
+
+
 def create_app(settings: Settings | None = None, registry: SessionRegistry | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     for secret in settings.secrets:
@@ -340,11 +565,17 @@ def create_app(settings: Settings | None = None, registry: SessionRegistry | Non
         routes=[
             Route("/twilio/voice", gateway.voice, methods=["POST"]),
             Route("/twilio/status", gateway.status, methods=["POST"]),
+            Route("/twilio/dial-action", gateway.dial_action, methods=["POST"]),
+            Route("/twilio/warm-status", gateway.warm_status, methods=["POST"]),
+            Route("/twilio/recording", gateway.recording_status, methods=["POST"]),
             WebSocketRoute("/twilio/media", gateway.media),
             Route("/control/{token}", gateway.control, methods=["GET", "POST"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),
             Route("/readyz", gateway.readyz, methods=["GET"]),
             Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
+            Route("/calls", gateway.outbound_call, methods=["POST"]),
+            Route("/calls/batch", gateway.outbound_batch, methods=["POST"]),
+            Route("/calls/batch/{batch_id}", gateway.batch_progress, methods=["GET"]),
         ],
         lifespan=gateway.lifespan,
     )

@@ -154,8 +154,6 @@ def plan_transfer(record: CallRecord, payload: Mapping[str, Any], policy: Transf
     if not target:
         raise error(400, "bad_field", "no destination: give 'to', or set TRANSFER_TO")
     # 422: values
-    if mode == "warm":
-        raise error(422, "not_supported", "warm transfer is not supported yet; use mode 'blind'")
     target_is_sip = target.lower().startswith(("sip:", "sips:"))
     if not (is_sip_uri(target) if target_is_sip else is_e164(target)):
         raise error(

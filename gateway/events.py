@@ -32,6 +32,7 @@ class StreamStarted:
 @dataclass(slots=True, frozen=True)
 class CallerAudio:
     payload: str  # base64 mu-law 8 kHz, passed through untouched
+    timestamp_ms: int | None = None  # since the stream started, when the carrier says
 
 
 @dataclass(slots=True, frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from gateway.events import (
     ProtocolError,
     StreamStopped,
 )
+from gateway.recording import CallRecorder, recording_path
 from gateway.registry.base import LIVE_TTL_S, CallRecord, SessionRegistry
 
 log = structlog.get_logger(__name__)
@@ -49,11 +51,14 @@ MARK_EVERY_S = 0.5
 MAX_OUTSTANDING_MARKS = 1200
 # Control actions queued for the call; a full inbox answers "busy" rather than growing.
 INBOX_SIZE = 8
+# A transferred call's record outlives its session this long, for the transfer's outcome.
+TRANSFERRED_TTL_S = 3600
 # Closing a socket that does not answer is abandoned after this long.
 CLOSE_TIMEOUT_S = 2.0
 
 
 class State:
+    DIALING = "dialing"  # an outbound call we started, not answered yet
     RINGING = "ringing"
     CONNECTING = "connecting"
     LIVE = "live"
@@ -121,6 +126,13 @@ class SendDtmf:
 
 Action = EndCall | TransferPlan | SendDtmf
 AgentOpener = Callable[[CallRecord], Awaitable[AgentLeg]]
+EventSink = Callable[..., None]  # emit(event_type, call_sid, **data): never blocks
+
+
+def _no_events(*_args: Any, **_kwargs: Any) -> None:
+    pass
+
+
 TransferPlanner = Callable[[CallRecord, dict[str, Any]], TransferPlan]
 
 
@@ -196,6 +208,9 @@ class Session:
         plan_transfer: TransferPlanner,
         output_format: str,
         end_call_drain_s: float,
+        emit: EventSink = _no_events,
+        recorder: CallRecorder | None = None,
+        recordings_dir: str = "",
     ) -> None:
         self.record = record
         self.call_sid = record.call_sid
@@ -205,6 +220,10 @@ class Session:
         self._plan_transfer = plan_transfer
         self._output_format = output_format
         self._drain_s = end_call_drain_s
+        self._emit = emit
+        self._recorder = recorder
+        self._recordings_dir = recordings_dir
+        self._live_since: float | None = None
         self._log = log.bind(call_sid=record.call_sid)
         self._carrier: CarrierLeg | None = None
         self._agent: AgentLeg | None = None
@@ -220,6 +239,7 @@ class Session:
         # Set when an end or transfer is accepted, before its task runs, so that a second
         # request sees it at once (409, or 200 for a repeated end_call).
         self._intent: str | None = None
+        self._carrier_gone = False
 
     # State
 
@@ -273,7 +293,8 @@ class Session:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 if self._agent is not None:
-                    await self._agent.close(1000, "call ended")
+                    transferred = self.state in (State.TRANSFERRING, State.TRANSFERRED)
+                    await self._agent.close(1000, "call transferred" if transferred else "call ended")
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 if self._carrier is not None:
@@ -282,10 +303,40 @@ class Session:
         if self.state not in State.FINAL:
             await self._transition(final, outcome=self.outcome or "ended")
         try:
-            await self._registry.delete(self.call_sid)
+            if self.state == State.TRANSFERRED:
+                # Kept a while: if nobody takes the transfer, the caller comes back to an agent
+                # with this call's metadata. Its token is dead already (final state: 404).
+                await self._registry.put(self.record, TRANSFERRED_TTL_S)
+            else:
+                await self._registry.delete(self.call_sid)
         except Exception as exc:
-            self._log.warning("registry_delete_failed", error=str(exc))
+            self._log.warning("registry_cleanup_failed", error=str(exc))
+        duration = 0.0 if self._live_since is None else time.monotonic() - self._live_since
+        self._emit(
+            "call.ended", self.call_sid, outcome=self.outcome, state=self.state, duration_s=round(duration, 3)
+        )
         self._log.info("call_closed", outcome=self.outcome, state=self.state)
+        if self._recorder is not None and self._recordings_dir:
+            await self._save_recording()
+
+    def _record_caller(self, event: CallerAudio) -> None:
+        try:
+            mulaw = decode_payload(event.payload)
+        except ProtocolError:
+            return
+        at_s = None if event.timestamp_ms is None else event.timestamp_ms / 1000
+        self._recorder.caller(mulaw, at_s)  # type: ignore[union-attr]
+
+    async def _save_recording(self) -> None:
+        assert self._recorder is not None
+        try:
+            path = recording_path(self._recordings_dir, self.call_sid)
+            # pydub writes synchronously; a long call's WAV must not stall other calls.
+            await asyncio.to_thread(self._recorder.write_wav, path)
+        except Exception as exc:
+            self._log.error("recording_not_saved", error=str(exc))
+            return
+        self._log.info("recording_saved", path=str(path), duration_s=round(self._recorder.duration_s, 2))
 
     def carrier_ended(self, call_status: str) -> None:
         """The carrier reports the call over (status callback): stop bridging, hang up nothing."""
@@ -319,6 +370,8 @@ class Session:
         async for event in self._carrier_events():
             match event:
                 case CallerAudio():
+                    if self._recorder is not None:
+                        self._record_caller(event)
                     if self._agent is not None:
                         await self._agent.send_audio(event.payload)
                     else:
@@ -329,6 +382,7 @@ class Session:
                     self.playback.echoed(name)
                 case CallerDtmf(digit):
                     self._log.info("caller_dtmf", digit=digit)
+                    self._emit("dtmf", self.call_sid, digits=digit, source="caller")
                     if self._agent is not None:
                         await self._agent.send_dtmf(digit)
                 case StreamStopped():
@@ -342,8 +396,10 @@ class Session:
         await self._caller_left()
 
     async def _caller_left(self) -> None:
-        if self.state in (State.TRANSFERRING, State.TRANSFERRED):
-            self._finish("transferred")  # the stream's stop after a redirect: not a hang-up
+        self._carrier_gone = True
+        if self._intent == State.TRANSFERRING or self.state in (State.TRANSFERRING, State.TRANSFERRED):
+            # The stream's stop after a redirect, not a hang-up. The transfer task finishes
+            # the call once all its steps are done (a warm transfer has several).
             return
         if self.state == State.ENDING:
             self._finish(self.outcome or "ended")
@@ -368,6 +424,15 @@ class Session:
         self._agent = agent
         if self.state == State.CONNECTING:
             await self._transition(State.LIVE, stream_id=agent.stream_id)
+            self._live_since = time.monotonic()
+            r = self.record
+            self._emit(
+                "call.started",
+                self.call_sid,
+                agent_id=r.agent_id,
+                direction=r.direction,
+                **{"from": r.from_, "to": r.to},
+            )
             with contextlib.suppress(Exception):
                 await self._registry.refresh(self.call_sid, LIVE_TTL_S)
         await self._downlink(agent)
@@ -383,6 +448,7 @@ class Session:
                     await self._play_dtmf(digits)
                 case AgentCustom(metadata):
                     self._log.info("agent_custom", metadata=metadata)
+                    self._emit("agent.custom", self.call_sid, metadata=metadata)
                 case AgentTransfer():
                     await self._agent_transfer(event)
                 case AgentUnknown(name):
@@ -395,25 +461,19 @@ class Session:
         carrier = self._carrier
         if carrier is None:
             return
-        if self._converter.passthrough:
-            try:  # length only: the payload itself goes to Twilio as it came
-                nbytes = len(decode_payload(payload_b64))
-            except ProtocolError as exc:
-                self._log.warning("agent_frame_dropped", error=str(exc))
-                return
-            out = payload_b64
-        else:
-            try:
-                mulaw = self._converter.convert(decode_payload(payload_b64))
-            except ValueError as exc:
-                self._log.warning("agent_frame_dropped", error=str(exc))
-                return
-            if not mulaw:
-                return
-            nbytes = len(mulaw)
-            out = base64.b64encode(mulaw).decode()
-        await carrier.send_audio(out)
-        self.playback.sent(mulaw_duration_s(nbytes))
+        try:
+            audio = decode_payload(payload_b64)
+            # mu-law 8 kHz goes to Twilio as it came, without re-encoding
+            mulaw = audio if self._converter.passthrough else self._converter.convert(audio)
+        except ValueError as exc:  # ProtocolError (base64) or AudioFormatError
+            self._log.warning("agent_frame_dropped", error=str(exc))
+            return
+        if not mulaw:
+            return  # the resampler is still filling
+        await carrier.send_audio(payload_b64 if mulaw is audio else base64.b64encode(mulaw).decode())
+        if self._recorder is not None:
+            self._recorder.agent(mulaw)
+        self.playback.sent(mulaw_duration_s(len(mulaw)))
         await self._mark(force=self.state in State.LEAVING)
 
     async def _mark(self, *, force: bool = False) -> None:
@@ -427,6 +487,8 @@ class Session:
             await self._carrier.send_clear()
         self._converter.reset()
         self.playback.void()
+        if self._recorder is not None:
+            self._recorder.agent_cleared()
 
     async def _play_dtmf(self, digits: str) -> None:
         try:
@@ -435,8 +497,11 @@ class Session:
             self._log.warning("dtmf_refused", error=str(exc))
             return
         self._log.info("dtmf_to_caller", digits=digits)
+        self._emit("dtmf", self.call_sid, digits=digits, source="agent")
         if self._carrier is not None:
             await self._carrier.send_audio(base64.b64encode(tones).decode())
+            if self._recorder is not None:
+                self._recorder.agent(tones)
             self.playback.sent(mulaw_duration_s(len(tones)))
             await self._mark(force=True)
 
@@ -473,6 +538,8 @@ class Session:
             self._log.warning("drain_timed_out", waited_s=round(budget, 2))
 
     async def _hang_up(self, outcome: str) -> None:
+        # Set now: the REST hang-up ends the stream, and the uplink may finish the call first.
+        self.outcome = self.outcome or outcome
         if self.state not in State.LEAVING:
             await self._transition(State.ENDING, cause=outcome)
         try:
@@ -528,17 +595,23 @@ class Session:
         # update causes is not taken for the caller hanging up.
         await self._transition(State.TRANSFERRING, target=plan.target, mode=plan.mode)
         await self._drain()
+        # Emitted first: the update's `stop` may end this task before the REST call returns.
+        self._log.info("transfer_started", target=plan.target)
+        self._emit("transfer.started", self.call_sid, destination=plan.target, mode=plan.mode)
         try:
             await self._control.transfer(self.call_sid, plan)
         except Exception as exc:
             self._log.error("transfer_failed", target=plan.target, error=str(exc))
+            self._emit(
+                "transfer.failed", self.call_sid, destination=plan.target, mode=plan.mode, error=str(exc)
+            )
+            if self._carrier_gone:  # the caller hung up while we waited: nothing to transfer
+                self._finish("caller_hung_up")
+                return
             self._intent = None
             await self._transition(State.LIVE, cause="transfer_failed")
             return
-        self._log.info("transfer_started", target=plan.target)
-        if self._agent is not None:
-            with contextlib.suppress(Exception):
-                await self._agent.close(1000, "call transferred")
+        self._finish("transferred")
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.record.public(), "state": self.state, "heard_s": self.playback.heard_s}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from gateway.audio import OUTPUT_FORMATS
 
@@ -20,6 +23,62 @@ def _bool(name: str, raw: str) -> bool:
     if value in {"0", "false", "no", "off"}:
         return False
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return value
+
+
+def _json_setting(name: str, raw: str) -> Any:
+    """JSON given inline, or the path of a file holding it."""
+    text = raw
+    if not raw.lstrip().startswith(("{", "[")):
+        try:
+            text = Path(raw).read_text()
+        except OSError as exc:
+            raise SettingsError(f"{name} is neither JSON nor a readable file: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{name} is not valid JSON: {exc}") from None
+
+
+def _agent_routes(raw: str) -> dict[str, dict[str, Any]]:
+    """AGENT_ROUTES: called number or SIP URI -> agent id, or {"agent": id, "metadata": {...}}."""
+    if not raw:
+        return {}
+    routes = _json_setting("AGENT_ROUTES", raw)
+    if not isinstance(routes, dict):
+        raise SettingsError("AGENT_ROUTES must map called numbers or SIP URIs to agents")
+    parsed: dict[str, dict[str, Any]] = {}
+    for called, route in routes.items():
+        if isinstance(route, str):
+            route = {"agent": route}
+        if not isinstance(route, dict) or not isinstance(route.get("agent"), str) or not route["agent"]:
+            raise SettingsError(f"AGENT_ROUTES[{called!r}] needs an agent id")
+        metadata = route.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise SettingsError(f"AGENT_ROUTES[{called!r}].metadata must be an object")
+        parsed[str(called)] = {"agent": route["agent"], "metadata": metadata}
+    return parsed
+
+
+def _sip_credentials(raw: str) -> tuple[tuple[str, str, str], ...]:
+    """TRANSFER_SIP_CREDENTIALS: {"pbx.example.com": {"username": .., "password": ..}, ...}."""
+    if not raw:
+        return ()
+    data = _json_setting("TRANSFER_SIP_CREDENTIALS", raw)
+    if not isinstance(data, dict):
+        raise SettingsError("TRANSFER_SIP_CREDENTIALS must map SIP hosts to credentials")
+    out = []
+    for host, cred in data.items():
+        if not isinstance(cred, dict) or not cred.get("username") or not cred.get("password"):
+            raise SettingsError(f"TRANSFER_SIP_CREDENTIALS[{host!r}] needs a username and a password")
+        out.append((str(host), str(cred["username"]), str(cred["password"])))
+    return tuple(out)
 
 
 def _float(name: str, raw: str) -> float:
@@ -50,6 +109,21 @@ class Settings:
     transfer_caller_id: str = ""
     transfer_allow: tuple[str, ...] = ()
     end_call_drain_s: float = 5.0
+    transfer_fallback: str = "agent"
+    transfer_fallback_message: str = "Sorry, nobody could take your call right now. Goodbye."
+    transfer_timeout_s: int = 30
+    transfer_hold_url: str = ""
+    # host pattern -> (username, password) for SIP targets that need digest auth
+    transfer_sip_credentials: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
+    agent_routes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gateway_api_key: str = field(default="", repr=False)
+    outbound_from: str = ""
+    calls_per_second: float = 1.0
+    max_concurrent_calls: int = 10
+    record_calls: bool = False
+    recordings_dir: str = ""
+    call_events_url: str = field(default="", repr=False)
+    call_events_secret: str = field(default="", repr=False)
     log_level: str = "info"
     log_format: str = "json"
 
@@ -92,6 +166,22 @@ class Settings:
             transfer_caller_id=get("TRANSFER_CALLER_ID"),
             transfer_allow=tuple(p.strip() for p in get("TRANSFER_ALLOW").split(",") if p.strip()),
             end_call_drain_s=_float("END_CALL_DRAIN_S", get("END_CALL_DRAIN_S", "5")),
+            transfer_fallback=_choice(
+                "TRANSFER_FALLBACK", get("TRANSFER_FALLBACK", "agent"), ("agent", "hangup")
+            ),
+            transfer_fallback_message=get("TRANSFER_FALLBACK_MESSAGE") or cls.transfer_fallback_message,
+            transfer_timeout_s=int(_float("TRANSFER_TIMEOUT_S", get("TRANSFER_TIMEOUT_S", "30"))),
+            transfer_hold_url=get("TRANSFER_HOLD_URL"),
+            transfer_sip_credentials=_sip_credentials(get("TRANSFER_SIP_CREDENTIALS")),
+            agent_routes=_agent_routes(get("AGENT_ROUTES")),
+            gateway_api_key=get("GATEWAY_API_KEY"),
+            outbound_from=get("OUTBOUND_FROM"),
+            calls_per_second=_float("CALLS_PER_SECOND", get("CALLS_PER_SECOND", "1")) or 1.0,
+            max_concurrent_calls=int(_float("MAX_CONCURRENT_CALLS", get("MAX_CONCURRENT_CALLS", "10"))),
+            record_calls=_bool("RECORD_CALLS", get("RECORD_CALLS", "false")),
+            recordings_dir=get("RECORDINGS_DIR"),
+            call_events_url=get("CALL_EVENTS_URL"),
+            call_events_secret=get("CALL_EVENTS_SECRET"),
             log_level=get("LOG_LEVEL", "info").lower(),
             log_format=log_format,
         )
@@ -99,4 +189,11 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a log line."""
-        return tuple(s for s in (self.twilio_auth_token, self.cartesia_api_key) if s)
+        values = [
+            self.twilio_auth_token,
+            self.cartesia_api_key,
+            self.gateway_api_key,
+            self.call_events_secret,
+            *(password for _, _, password in self.transfer_sip_credentials),
+        ]
+        return tuple(s for s in values if s)

@@ -23,10 +23,10 @@ from tests.redis_server import RedisServer
 class GatewayProcess:
     """`line-gateway serve` in its own process, as it runs in production."""
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env, "PORT": str(self.port), "PUBLIC_URL": self.url}
+        self.env = {"PUBLIC_URL": self.url, **os.environ, **env, "PORT": str(self.port)}
         self.proc: subprocess.Popen | None = None
         self.log = ""
 
@@ -68,9 +68,16 @@ class GatewayProcess:
 
 
 @contextlib.asynccontextmanager
-async def cluster(redis_url: str, behaviour: AgentBehaviour | None = None, instances: int = 2):
-    auth_token = secrets.token_hex(16)
-    rest = TwilioRestFake(ACCOUNT_SID, auth_token)
+async def cluster(
+    redis_url: str,
+    behaviour: AgentBehaviour | None = None,
+    instances: int = 2,
+    ports: list[int] | None = None,
+    rest: TwilioRestFake | None = None,
+    **extra_env: str,
+):
+    auth_token = rest.auth_token if rest else secrets.token_hex(16)
+    rest = rest or TwilioRestFake(ACCOUNT_SID, auth_token)
     agent = AgentEmulator(behaviour or AgentBehaviour(greeting_s=0.3))
     calls: dict[str, SimulatedCall] = {}
 
@@ -90,8 +97,9 @@ async def cluster(redis_url: str, behaviour: AgentBehaviour | None = None, insta
             "CARTESIA_URL": agent.url,
             "END_CALL_DRAIN_S": "2",
             "LOG_LEVEL": "info",
+            **extra_env,
         }
-        gateways = [GatewayProcess(env) for _ in range(instances)]
+        gateways = [GatewayProcess(env, port) for port in (ports or [None] * instances)]
         try:
             await asyncio.gather(*(g.start() for g in gateways))
             yield gateways, rest, agent, calls, auth_token

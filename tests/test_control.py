@@ -123,6 +123,7 @@ BAD_REQUESTS = [
     (b'{"reason": "no action"}', 400, "unknown_action"),
     (b'{"action": "send_dtmf"}', 400, "bad_field"),
     (b'{"action": "send_dtmf", "digits": "12x"}', 400, "bad_field"),
+    (b'{"action": "send_dtmf", "digits": ""}', 400, "bad_field"),
     (b'{"action": "call_transfer", "to": 15551234567}', 400, "bad_field"),
     (
         b'{"action": "call_transfer", "to": "sip:a@pbx.example.com", "headers": {"Foo": "1"}}',
@@ -132,7 +133,6 @@ BAD_REQUESTS = [
     (b'{"action": "call_transfer", "to": "+15551234567", "mode": "sideways"}', 400, "bad_field"),
     (b'{"action": "call_transfer", "to": "+1 555 12"}', 422, "invalid_destination"),
     (b'{"action": "call_transfer", "to": "tel:5551234567"}', 422, "invalid_destination"),
-    (b'{"action": "call_transfer", "to": "+15551234567", "mode": "warm"}', 422, "not_supported"),
     (
         b'{"action": "call_transfer", "to": "+15551234567", "headers": {"X-A": "1"}}',
         422,

@@ -81,7 +81,8 @@ def parse_frame(text: str | bytes) -> CarrierEvent | None:
             binascii.a2b_base64(payload, strict_mode=True)
         except binascii.Error as exc:
             raise ProtocolError(f"media.payload is not base64: {exc}") from None
-        return CallerAudio(payload)
+        stamp = media.get("timestamp")
+        return CallerAudio(payload, int(stamp) if isinstance(stamp, str) and stamp.isdigit() else None)
     if event == "mark":
         return PlaybackMark(_str(_obj(frame, "mark"), "name", "mark"))
     if event == "dtmf":
@@ -149,20 +150,60 @@ def dial_twiml(
     headers: Mapping[str, str] | None = None,
     timeout_s: int = 30,
     action_url: str | None = None,
+    sip_credentials: tuple[str, str] | None = None,
 ) -> str:
-    """Blind transfer: dial a number or a SIP URI (with X- headers) and bridge the caller."""
+    """Blind transfer: dial a number or a SIP URI (with X- headers) and bridge the caller.
+
+    With `action_url`, Twilio posts the outcome (`DialCallStatus`) there and runs the TwiML it
+    answers, so a busy or unanswered destination does not simply end the call.
+    """
     response = VoiceResponse()
     attrs: dict[str, Any] = {"answer_on_bridge": True, "timeout": timeout_s}
     if caller_id:
         attrs["caller_id"] = caller_id
     if action_url:
         attrs["action"] = action_url
+        attrs["method"] = "POST"
     dial = Dial(**attrs)
-    if target.startswith("sip:"):
-        dial.sip(sip_uri_with_headers(target, headers or {}))
+    if target.startswith("sip"):
+        auth = {"username": sip_credentials[0], "password": sip_credentials[1]} if sip_credentials else {}
+        dial.sip(sip_uri_with_headers(target, headers or {}), **auth)
     else:
         dial.number(target)
     response.append(dial)
+    return str(response)
+
+
+def conference_twiml(
+    name: str,
+    *,
+    starts_conference: bool,
+    whisper: str = "",
+    wait_url: str = "",
+) -> str:
+    """Join a conference. The caller waits on hold (it does not start the conference); the human
+    hears the `whisper` first, on their own leg, and starts the conference when they join."""
+    response = VoiceResponse()
+    if whisper:
+        response.say(whisper)
+    dial = Dial()
+    attrs: dict[str, Any] = {
+        "start_conference_on_enter": starts_conference,
+        "end_conference_on_exit": True,
+        "beep": False,
+    }
+    if wait_url:
+        attrs["wait_url"] = wait_url
+    dial.conference(name, **attrs)
+    response.append(dial)
+    return str(response)
+
+
+def say_and_hangup_twiml(message: str) -> str:
+    response = VoiceResponse()
+    if message:
+        response.say(message)
+    response.hangup()
     return str(response)
 
 

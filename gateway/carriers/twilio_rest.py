@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import structlog
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
-
-from gateway.carriers.twilio import dial_twiml
-
-if TYPE_CHECKING:
-    from gateway.session import TransferPlan
 
 log = structlog.get_logger(__name__)
 
@@ -73,10 +68,30 @@ class TwilioCalls:
         except TwilioRestException as exc:
             raise TwilioRestError(f"call update refused: HTTP {exc.status} code {exc.code}") from None
 
-    async def transfer(self, call_sid: str, plan: TransferPlan) -> None:
-        """Blind transfer: dial the destination and bridge the caller to it."""
-        twiml = dial_twiml(plan.target, plan.caller_id, headers=plan.headers)
-        await self.redirect(call_sid, twiml)
+    async def create_call(self, **fields: Any) -> str:
+        """Start an outbound call (`to`, `from_`, `url` or `twiml`, `status_callback`, ...); its SID.
+
+        Not retried on failure: a retry after a lost response could ring someone twice.
+        """
+        try:
+            call = await self._client.calls.create_async(**fields)
+        except TwilioRestException as exc:
+            raise TwilioRestError(f"call refused: HTTP {exc.status} code {exc.code}") from None
+        except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+            raise TwilioRestError(f"Twilio unreachable: {type(exc).__name__}") from None
+        return str(call.sid)
+
+    async def record(self, call_sid: str, status_callback: str) -> str:
+        """Ask Twilio to record the call, caller and agent on separate channels."""
+        try:
+            recording = await self._client.calls(call_sid).recordings.create_async(
+                recording_channels="dual",
+                recording_status_callback=status_callback,
+                recording_status_callback_event=["completed", "failed"],
+            )
+        except TwilioRestException as exc:
+            raise TwilioRestError(f"recording refused: HTTP {exc.status} code {exc.code}") from None
+        return str(recording.sid)
 
     async def _update(self, call_sid: str, **fields: Any) -> None:
         for attempt in range(MAX_ATTEMPTS):

@@ -64,6 +64,9 @@ class MemoryRegistry(SessionRegistry):
 
     async def put(self, record: CallRecord, ttl_s: float = RINGING_TTL_S) -> None:
         self._sweep()
+        previous = self._calls.get(record.call_sid)
+        if previous is not None and previous[0].token_hash != record.token_hash:
+            self._tokens.pop(previous[0].token_hash, None)  # a new token retires the old one
         self._calls[record.call_sid] = (replace(record), time.monotonic() + ttl_s)
         self._tokens[record.token_hash] = record.call_sid
 
@@ -79,7 +82,8 @@ class MemoryRegistry(SessionRegistry):
 
     async def by_token(self, token_hash: str) -> CallRecord | None:
         call_sid = self._tokens.get(token_hash)
-        return None if call_sid is None else await self.get(call_sid)
+        record = None if call_sid is None else await self.get(call_sid)
+        return record if record is not None and record.token_hash == token_hash else None
 
     async def set_state(self, call_sid: str, state: str) -> None:
         entry = self._calls.get(call_sid)

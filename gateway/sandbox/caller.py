@@ -130,10 +130,31 @@ class SimulatedCall:
             status = resp.status
         self.log(f"webhook answered {status}")
         if status == 200:
-            match = re.search(r'<Stream url="([^"]+)"', self.twiml)
-            self.stream_url = match.group(1) if match else ""
-            self.parameters = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]+)"', self.twiml))
+            twiml = self.twiml
+            self.follow(twiml)
         return status
+
+    async def post(self, path: str, form: dict[str, str]) -> tuple[int, str]:
+        """POST a signed webhook to the gateway, as Twilio does (path may carry a query)."""
+        url = self.gateway_url + path
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, data=form, headers={"X-Twilio-Signature": self.sign(url, form)}) as resp,
+        ):
+            return resp.status, await resp.text()
+
+    def follow(self, twiml: str) -> bool:
+        """Take the stream URL and parameters of a `<Connect><Stream>` TwiML; False if it has none."""
+        match = re.search(r'<Stream url="([^"]+)"', twiml)
+        if match is None:
+            return False
+        self.twiml = twiml
+        self.stream_url = match.group(1)
+        self.parameters = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]+)"', twiml))
+        self.ended = asyncio.Event()
+        self.end_reason = ""
+        self.stream_sid = new_sid("MZ")
+        return True
 
     # Media
 

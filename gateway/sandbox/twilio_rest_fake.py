@@ -1,5 +1,9 @@
 """A Twilio REST API fake for call control: records requests, answers like Twilio.
 
+Also creates calls (`POST .../Calls.json`) and recordings, and, when `auto_progress` is set,
+plays Twilio's part of an outbound call: signed status callbacks (`initiated`, then
+`in-progress` and `completed`, or `busy` / `no-answer`) to the call's StatusCallback URL.
+
 Follows PROTOCOLS.md section 4: `POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json` with form
 `Status=completed` or `Twiml=...`. Unknown calls answer 404 with code 20404; a call that is
 already over answers 400 with code 21220. Any update ends the call's media stream, as on Twilio:
@@ -8,17 +12,32 @@ the fake tells the simulator through `on_update` so it can send `stop`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from twilio.request_validator import RequestValidator
+from yarl import URL
 
 UpdateHook = Callable[[str, dict[str, str]], Awaitable[None]]
+CreateHook = Callable[[str, dict[str, str]], Awaitable[None]]
+
+
+@dataclass
+class AutoProgress:
+    """How the fake's outbound calls go: ring, then `outcome(to)`, then talk for `talk_s`."""
+
+    ring_s: float = 0.05
+    talk_s: float = 0.3
+    outcome: Callable[[str], str] = lambda _to: "completed"
 
 
 @dataclass
@@ -39,13 +58,22 @@ class TwilioRestFake:
         self.requests: list[RestRequest] = []
         self.calls: dict[str, str] = {}  # call_sid -> status
         self.on_update: UpdateHook | None = None
+        self.on_create: CreateHook | None = None
+        self.auto_progress: AutoProgress | None = None
+        self.created: list[RestRequest] = []
+        self.active = 0
+        self.max_active = 0
+        self.callbacks_posted: list[tuple[str, str]] = []  # (call_sid, status)
+        self._tasks: set[asyncio.Task[None]] = set()
         self.app = Starlette(
             routes=[
+                Route("/2010-04-01/Accounts/{account}/Calls.json", self._create, methods=["POST"]),
+                Route("/2010-04-01/Accounts/{account}/Calls/{call}.json", self._update, methods=["POST"]),
                 Route(
-                    "/2010-04-01/Accounts/{account}/Calls/{call}.json",
-                    self._update,
+                    "/2010-04-01/Accounts/{account}/Calls/{call}/Recordings.json",
+                    self._record,
                     methods=["POST"],
-                )
+                ),
             ]
         )
 
@@ -76,6 +104,77 @@ class TwilioRestFake:
             },
             status_code=status,
         )
+
+    async def _create(self, request: Request) -> Response:
+        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        account = request.path_params["account"]
+        authorised = self._authorised(request) and account == self.account_sid
+        call_sid = "CA" + secrets.token_hex(16)
+        entry = RestRequest("POST", request.url.path, call_sid, form, account, authorised)
+        self.requests.append(entry)
+        if not authorised:
+            return self._error(401, 20003, "Authenticate")
+        if not form.get("To") or not form.get("From") or not (form.get("Url") or form.get("Twiml")):
+            return self._error(400, 21205, "To, From and Url or Twiml are required")
+        self.created.append(entry)
+        self.calls[call_sid] = "queued"
+        if self.on_create is not None:
+            await self.on_create(call_sid, form)
+        if self.auto_progress is not None and form.get("StatusCallback"):
+            task = asyncio.create_task(self._progress(call_sid, form, self.auto_progress))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return JSONResponse({"sid": call_sid, "account_sid": account, "status": "queued"}, status_code=201)
+
+    async def _progress(self, call_sid: str, form: dict[str, str], plan: AutoProgress) -> None:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        outcome = "failed"
+        try:
+            await self.post_status(call_sid, form, "initiated")
+            await asyncio.sleep(plan.ring_s)
+            outcome = plan.outcome(form["To"])
+            if outcome == "completed":
+                self.calls[call_sid] = "in-progress"
+                await self.post_status(call_sid, form, "in-progress")
+                await asyncio.sleep(plan.talk_s)
+        finally:
+            self.active -= 1
+            self.calls[call_sid] = outcome
+        await self.post_status(call_sid, form, outcome)
+
+    async def post_status(self, call_sid: str, form: dict[str, str], status: str) -> int:
+        """POST a signed status callback for the call, as Twilio does."""
+        url = form["StatusCallback"]
+        params = {
+            "CallSid": call_sid,
+            "AccountSid": self.account_sid,
+            "CallStatus": status,
+            "From": form.get("From", ""),
+            "To": form.get("To", ""),
+            "Direction": "outbound-api",
+        }
+        signature = RequestValidator(self.auth_token).compute_signature(url, params)
+        self.callbacks_posted.append((call_sid, status))
+        async with (
+            aiohttp.ClientSession() as http,
+            # encoded=True: send the URL byte for byte as signed, as Twilio does
+            http.post(URL(url, encoded=True), data=params, headers={"X-Twilio-Signature": signature}) as resp,
+        ):
+            return resp.status
+
+    async def _record(self, request: Request) -> Response:
+        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        call_sid = request.path_params["call"]
+        authorised = self._authorised(request)
+        self.requests.append(
+            RestRequest("POST", request.url.path, call_sid, form, self.account_sid, authorised)
+        )
+        if not authorised:
+            return self._error(401, 20003, "Authenticate")
+        if call_sid not in self.calls:
+            return self._error(404, 20404, "not found")
+        return JSONResponse({"sid": "RE" + secrets.token_hex(16), "call_sid": call_sid}, status_code=201)
 
     async def _update(self, request: Request) -> Response:
         form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}

@@ -1,0 +1,327 @@
+"""SIP calls, transfer outcomes, warm transfer, routing by number, recordings and call events."""
+
+import asyncio
+import contextlib
+import re
+import wave
+
+import aiohttp
+import numpy as np
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.audio import pcm16_to_ulaw, tone_pcm16
+from gateway.call_events import SIGNATURE_HEADER, verify
+from gateway.sandbox.agent import GREETING_HZ, AgentBehaviour
+from gateway.sandbox.caller import CallScript
+from gateway.sandbox.harness import sandbox
+from gateway.sandbox.servers import serve
+from gateway.settings import Settings
+
+ALLOW = ("+1555*", "sip:*@pbx.example.com")
+
+
+async def post_json(url: str, body: dict) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def agent_for(box, call_sid: str, nth: int = 0):
+    async with asyncio.timeout(10):
+        while True:
+            mine = [a for a in box.agent.calls if a.metadata.get("call_sid") == call_sid and a.start]
+            if len(mine) > nth:
+                return mine[nth]
+            await asyncio.sleep(0.02)
+
+
+async def live_call(box, **kwargs):
+    call = await box.connect_call(**kwargs)
+    runner = asyncio.create_task(call.run(CallScript(max_s=20)))
+    agent_call = await agent_for(box, call.call_sid)
+    return call, agent_call, runner, agent_call.metadata["control_url"]
+
+
+@contextlib.asynccontextmanager
+async def event_receiver():
+    received: list[tuple[dict, bytes]] = []
+
+    async def collect(request: Request) -> Response:
+        received.append((dict(request.headers), await request.body()))
+        return Response(status_code=204)
+
+    async with serve(Starlette(routes=[Route("/events", collect, methods=["POST"])])) as url:
+        yield url + "/events", received
+
+
+def events_of(received, secret: str) -> list[dict]:
+    out = []
+    for headers, body in received:
+        assert verify(secret, body, headers[SIGNATURE_HEADER.lower()])
+        out.append(orjson.loads(body))
+    return out
+
+
+# SIP
+
+
+async def test_sip_domain_call_reaches_the_agent_with_its_headers():
+    form = {
+        "SipDomain": "acme.sip.twilio.com",
+        "SipCallId": "abc@10.0.0.1",
+        "SipHeader_X-Customer-Id": "C-991",
+        "SipHeader_X-Queue": "billing",
+    }
+    async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
+        call, agent_call, runner, _ = await live_call(
+            box, from_="sip:alice@example.com", to="sip:support@acme.sip.twilio.com", extra_form=form
+        )
+        meta = agent_call.metadata
+        assert meta["from"] == "sip:alice@example.com"
+        assert meta["to"] == "sip:support@acme.sip.twilio.com"
+        assert meta["sip_headers"] == {"X-Customer-Id": "C-991", "X-Queue": "billing"}
+        await call.hang_up()
+        await runner
+
+
+async def test_sip_transfer_sends_credentials_for_hosts_that_need_them():
+    creds = (("pbx.example.com", "gateway", "s3cret-pass"),)
+    async with sandbox(
+        AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW, transfer_sip_credentials=creds
+    ) as box:
+        call, _, runner, url = await live_call(box)
+        body = {"action": "transfer", "to": "sip:desk@pbx.example.com", "headers": {"X-Ticket": "7"}}
+        assert (await post_json(url, body))[0] == 200
+        await asyncio.wait_for(runner, 10)
+        twiml = box.rest.redirects(call.call_sid)[0].form["Twiml"]
+        assert (
+            '<Sip password="s3cret-pass" username="gateway">sip:desk@pbx.example.com?X-Ticket=7</Sip>'
+            in twiml
+        )
+
+
+# Blind transfer outcomes
+
+
+async def blind_transfer(box, **call_kwargs):
+    call, agent_call, runner, url = await live_call(box, **call_kwargs)
+    assert (await post_json(url, {"action": "call_transfer", "to": "+15551234567"}))[0] == 200
+    await asyncio.wait_for(runner, 10)
+    (redirect,) = box.rest.redirects(call.call_sid)
+    action = re.search(r'action="([^"]+)"', redirect.form["Twiml"]).group(1).replace("&amp;", "&")
+    assert action.startswith(box.url + "/twilio/dial-action?")
+    return call, agent_call, action[len(box.url) :]
+
+
+def dial_outcome(call, status: str) -> dict[str, str]:
+    return {
+        **call.webhook_form(),
+        "CallStatus": "in-progress",
+        "DialCallStatus": status,
+        "DialCallSid": "CA" + "d" * 32,
+    }
+
+
+async def test_answered_blind_transfer_bridges_the_caller_and_ends_after():
+    async with event_receiver() as (events_url, received):
+        async with sandbox(
+            AgentBehaviour(greeting_s=0.2),
+            transfer_allow=ALLOW,
+            call_events_url=events_url,
+            call_events_secret="whsec_1",
+        ) as box:
+            call, _, action = await blind_transfer(box)
+            status, twiml = await call.post(action, dial_outcome(call, "completed"))
+            assert status == 200
+            assert "<Hangup />" in twiml and "<Stream" not in twiml
+            assert len(box.agent.calls) == 1  # nobody was brought back
+            await asyncio.sleep(0.3)
+        kinds = [e["type"] for e in events_of(received, "whsec_1")]
+    assert "transfer.started" in kinds and "transfer.completed" in kinds
+
+
+@pytest.mark.parametrize("outcome", ["busy", "no-answer", "failed"])
+async def test_blind_transfer_not_taken_returns_the_caller_to_an_agent_that_knows_why(outcome):
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        call, first_agent, action = await blind_transfer(box)
+        status, twiml = await call.post(action, dial_outcome(call, outcome))
+        assert status == 200 and call.follow(twiml)
+        await call.open_stream()
+        runner = asyncio.create_task(call.run(CallScript(max_s=10)))
+        second_agent = await agent_for(box, call.call_sid, nth=1)
+        assert second_agent.metadata["transfer_failed"] == {"status": outcome, "destination": "+15551234567"}
+        assert second_agent.metadata["control_url"] != first_agent.metadata["control_url"]
+        await asyncio.sleep(0.5)
+        assert call.first_audio_at is not None
+        # The new control URL works; the old one is dead.
+        status, _ = await post_json(first_agent.metadata["control_url"], {"action": "end_call"})
+        assert status == 404
+        status, _ = await post_json(second_agent.metadata["control_url"], {"action": "end_call"})
+        assert status == 200
+        await asyncio.wait_for(runner, 10)
+        assert len(box.rest.hangups(call.call_sid)) == 1
+
+
+async def test_blind_transfer_not_taken_with_hangup_fallback_says_goodbye():
+    async with sandbox(
+        AgentBehaviour(greeting_s=0.2),
+        transfer_allow=ALLOW,
+        transfer_fallback="hangup",
+        transfer_fallback_message="Nobody is free, goodbye.",
+    ) as box:
+        call, _, action = await blind_transfer(box)
+        status, twiml = await call.post(action, dial_outcome(call, "no-answer"))
+        assert status == 200
+        assert "<Say>Nobody is free, goodbye.</Say><Hangup />" in twiml
+        assert "<Stream" not in twiml
+
+
+async def test_dial_action_needs_a_valid_signature():
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        call, _, action = await blind_transfer(box)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                box.url + action, data=dial_outcome(call, "busy"), headers={"X-Twilio-Signature": "bad"}
+            ) as resp,
+        ):
+            assert resp.status == 403
+
+
+# Warm transfer
+
+
+async def warm_transfer(box):
+    call, agent_call, runner, url = await live_call(box)
+    body = {"action": "call_transfer", "to": "+15551234567", "mode": "warm", "summary": "Wants a refund"}
+    assert (await post_json(url, body))[0] == 200
+    await asyncio.wait_for(runner, 10)
+    (hold,) = box.rest.redirects(call.call_sid)
+    (human,) = box.rest.created
+    return call, agent_call, hold.form["Twiml"], human
+
+
+async def test_warm_transfer_holds_the_caller_and_whispers_only_to_the_human():
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        call, _, hold, human = await warm_transfer(box)
+        room = f"warm-{call.call_sid}"
+        assert f'startConferenceOnEnter="false">{room}</Conference>' in hold
+        assert "<Say>" not in hold  # the caller never hears the whisper
+        assert human.form["To"] == "+15551234567"
+        assert human.form["From"] == call.to
+        assert human.form["Twiml"].index("<Say>Wants a refund</Say>") < human.form["Twiml"].index(
+            "<Conference"
+        )
+        assert f'startConferenceOnEnter="true">{room}</Conference>' in human.form["Twiml"]
+        assert box.rest.hangups() == []
+        # The human answers: the caller stays where they are, bridged in the conference.
+        status, _ = await call.post(
+            human.form["StatusCallback"][len(box.url) :],
+            {"CallSid": "CA" + "h" * 32, "CallStatus": "in-progress"},
+        )
+        assert status == 204
+        assert len(box.rest.redirects(call.call_sid)) == 1
+        assert len(box.agent.calls) == 1
+
+
+@pytest.mark.parametrize("outcome", ["busy", "no-answer"])
+async def test_warm_transfer_not_taken_returns_the_caller_to_an_agent(outcome):
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        call, _, _, human = await warm_transfer(box)
+        status, _ = await call.post(
+            human.form["StatusCallback"][len(box.url) :], {"CallSid": "CA" + "h" * 32, "CallStatus": outcome}
+        )
+        assert status == 204
+        back = box.rest.redirects(call.call_sid)[-1].form["Twiml"]
+        assert call.follow(back)
+        await call.open_stream()
+        runner = asyncio.create_task(call.run(CallScript(hangup_at=0.8)))
+        second = await agent_for(box, call.call_sid, nth=1)
+        assert second.metadata["transfer_failed"] == {"status": outcome, "destination": "+15551234567"}
+        await runner
+
+
+# Routing, recordings, events
+
+
+async def test_agent_routes_pick_the_agent_and_metadata_by_called_number():
+    raw = {
+        "+15559870002": {"agent": "agent_sales", "metadata": {"team": "sales"}},
+        "sip:help@acme.sip.twilio.com": "agent_help",
+    }
+    routes = Settings.from_env({"AGENT_ROUTES": orjson.dumps(raw).decode()}).agent_routes
+    async with sandbox(AgentBehaviour(greeting_s=0.2), agent_routes=routes) as box:
+        a, agent_a, run_a, _ = await live_call(box, to="+15559870002")
+        b, agent_b, run_b, _ = await live_call(box, to="sip:help@acme.sip.twilio.com;transport=tls")
+        c, agent_c, run_c, _ = await live_call(box, to="+15550000000")
+        assert agent_a.path.endswith("/agent_sales") and agent_a.metadata["team"] == "sales"
+        assert agent_b.path.endswith("/agent_help")
+        assert agent_c.path.endswith("/agent_sandbox")  # CARTESIA_AGENT_ID
+        for call, runner in ((a, run_a), (b, run_b), (c, run_c)):
+            await call.hang_up()
+            await runner
+
+
+def channel_hz(samples: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / 8000)[int(np.argmax(spectrum))])
+
+
+async def test_recorded_call_yields_a_stereo_wav_caller_left_agent_right(tmp_path):
+    voice = pcm16_to_ulaw(tone_pcm16(300, 0.8, 8000, amplitude=0.4))
+    behaviour = AgentBehaviour(greeting_s=0.6, speech_dbfs=0.0)  # no barge-in: both must be heard
+    async with sandbox(behaviour, recordings_dir=str(tmp_path), record_calls=True) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(audio=voice, speak_at=1.0, hangup_at=2.2))
+        gateway = box.app.state.gateway
+        async with asyncio.timeout(5):
+            while gateway.sessions or not (tmp_path / f"{call.call_sid}.wav").exists():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        (start,) = [r for r in box.rest.requests if r.path.endswith("/Recordings.json")]
+        assert start.call_sid == call.call_sid and start.form["RecordingChannels"] == "dual"
+    with wave.open(str(tmp_path / f"{call.call_sid}.wav")) as wav:
+        assert (wav.getnchannels(), wav.getframerate(), wav.getsampwidth()) == (2, 8000, 2)
+        frames = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, 2).astype(float)
+    left, right = frames[:, 0], frames[:, 1]
+    greeting, speech = slice(int(0.1 * 8000), int(0.6 * 8000)), slice(int(1.1 * 8000), int(1.7 * 8000))
+    assert abs(channel_hz(right[greeting]) - GREETING_HZ) < 15  # the agent, on the right
+    assert abs(channel_hz(left[speech]) - 300) < 15  # the caller, on the left, when they spoke
+    assert np.sqrt(np.mean(left[greeting] ** 2)) < 100  # the caller was silent during the greeting
+    assert np.sqrt(np.mean(right[speech] ** 2)) < 100  # and the agent silent while they spoke
+
+
+async def test_call_events_arrive_signed_and_verifiable():
+    secret = "whsec_test_secret"
+    async with event_receiver() as (events_url, received):
+        behaviour = AgentBehaviour(greeting_s=0.2, goodbye_s=0.2, pace=8)
+        async with sandbox(behaviour, call_events_url=events_url, call_events_secret=secret) as box:
+            call = await box.connect_call()
+            await call.run(CallScript(dtmf=[(0.4, "*"), (0.8, "#")], max_s=10))
+            form = {
+                "CallSid": call.call_sid,
+                "RecordingSid": "RE1",
+                "RecordingUrl": "https://api/rec/RE1",
+                "RecordingStatus": "completed",
+                "RecordingDuration": "3",
+                "RecordingChannels": "2",
+            }
+            assert (await call.post("/twilio/recording", form))[0] == 204
+            async with asyncio.timeout(5):
+                while not any(b"recording.completed" in body for _, body in received):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        events = events_of(received, secret)
+        assert not verify("wrong-secret", received[0][1], received[0][0][SIGNATURE_HEADER.lower()])
+    by_type = {}
+    for event in events:
+        assert event["call_sid"] == call.call_sid
+        by_type.setdefault(event["type"], []).append(event)
+    assert by_type["call.started"][0]["data"]["from"] == call.from_
+    assert [e["data"]["digits"] for e in by_type["dtmf"]] == ["*", "147", "#"]
+    assert by_type["agent.custom"][0]["data"]["metadata"] == {"greeting": True}
+    (ended,) = by_type["call.ended"]
+    assert ended["data"]["outcome"] == "agent_ended_call" and ended["data"]["duration_s"] > 0.5
+    assert by_type["recording.completed"][0]["data"]["recording_url"] == "https://api/rec/RE1"
