@@ -8,6 +8,7 @@ import hmac
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import structlog
@@ -36,7 +37,7 @@ from gateway.registry import (
     new_secret,
 )
 from gateway.registry.base import LIVE_TTL_S
-from gateway.session import ActionRefused, EndCall, Session, State, TransferPlan
+from gateway.session import ActionRefused, EndCall, SendDtmf, Session, State, TransferPlan
 from gateway.settings import Settings
 from gateway.transfers import NOT_TAKEN, Transfers
 
@@ -46,6 +47,8 @@ log = structlog.get_logger(__name__)
 MAX_WEBHOOK_BYTES = 64 * 1024
 MAX_API_BODY_BYTES = 16 * 1024
 MAX_BATCH_BODY_BYTES = 1024 * 1024  # 1,000 recipients with some metadata each
+# Ending calls at shutdown: the agent's drain, then this long for the REST hang-up.
+SHUTDOWN_HANGUP_S = 5.0
 # POST /calls waits at most this long for its turn under CALLS_PER_SECOND, then answers 429.
 MAX_START_WAIT_S = 10.0
 FINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
@@ -114,19 +117,30 @@ class Gateway:
         try:
             yield
         finally:
-            self.draining = True
-            for session in list(self.sessions.values()):
-                with contextlib.suppress(ActionRefused):
-                    session.submit(EndCall("gateway shutting down"))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    while self.sessions:  # noqa: ASYNC110 (sessions end on their own)
-                        await asyncio.sleep(0.05)
+            await self.drain(grace_s=0)  # normally done already, on SIGTERM (see cli.py)
             await self.dialer.close()
             await self.events.close()
             await self.registry.close()
             await self.calls.close()
             log.info("gateway_stopped")
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop for a deploy: report not ready, give live calls `grace_s` to finish on their
+        own, then end the rest the way `end_call` does (the agent's last words first)."""
+        self.draining = True
+        if self.sessions:
+            log.info("draining", calls=len(self.sessions), grace_s=grace_s)
+        await self._wait_for_calls(grace_s)
+        for session in list(self.sessions.values()):
+            with contextlib.suppress(ActionRefused):
+                session.submit(EndCall("gateway shutting down"))
+        await self._wait_for_calls(self.settings.end_call_drain_s + SHUTDOWN_HANGUP_S)
+
+    async def _wait_for_calls(self, within_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                while self.sessions:  # noqa: ASYNC110 (sessions end on their own)
+                    await asyncio.sleep(0.05)
 
     def url(self, path: str, query: str = "") -> str:
         return f"{self.settings.public_url}{path}" + (f"?{query}" if query else "")
@@ -137,11 +151,12 @@ class Gateway:
     # Twilio webhooks
 
     async def _signed_form(self, request: Request) -> Mapping[str, str] | Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_WEBHOOK_BYTES):
+        try:
+            body = await _read_bounded(request, MAX_WEBHOOK_BYTES)
+        except ActionRefused:
             return PlainTextResponse("request too large\n", status_code=413)
-        form = await request.form(max_files=0, max_fields=500)
-        params = {k: v for k, v in form.items() if isinstance(v, str)}
+        # Read whole and bounded before parsing: an unsigned request must not cost memory.
+        params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         url = self.url(request.url.path, request.url.query)
         if not self.signatures.valid(url, params, request.headers.get("x-twilio-signature")):
             log.warning("twilio_signature_rejected", path=request.url.path)
@@ -166,8 +181,8 @@ class Gateway:
             or route.get("agent", "")
             or self.settings.cartesia_agent_id
         )
-        if not agent_id or self.draining:
-            bound.error("call_refused", reason="no agent configured" if not agent_id else "draining")
+        if not agent_id:
+            bound.error("call_refused", reason="no agent: set CARTESIA_AGENT_ID or ?agent= or AGENT_ROUTES")
             return Response(twilio.hangup_twiml(), media_type=TWIML)
         metadata = {**route.get("metadata", {}), **(dialled.metadata if dialled else {})}
         if form.get("AnsweredBy"):
@@ -191,12 +206,15 @@ class Gateway:
 
     async def _stream_twiml(self, record: CallRecord) -> str:
         """Register a fresh agent session for the call and the TwiML that connects its stream."""
-        token = new_secret()
-        record.token_hash = digest(token)
+        session = new_secret()
+        record.session_hash = digest(session)
+        # The control token is minted where the media lands (it goes to the agent from there);
+        # until then the call answers to no token at all.
+        record.token_hash = digest(new_secret())
         record.owner = self.registry.instance_id
         record.state = State.RINGING
         await self.registry.put(record)
-        return twilio.connect_stream_twiml(twilio.stream_url(self.settings.public_url), {"session": token})
+        return twilio.connect_stream_twiml(twilio.stream_url(self.settings.public_url), {"session": session})
 
     async def _reconnect(self, call_sid: str, why: dict[str, str]) -> str | None:
         """A transfer was not taken: the caller goes back to an agent that is told why."""
@@ -276,8 +294,8 @@ class Gateway:
             bound.error("media_refused_registry_unavailable")
             await ws.close(1011, "registry unavailable")
             return
-        token = start.parameters.get("session", "")
-        if record is None or digest(token) != record.token_hash:
+        session_ref = start.parameters.get("session", "")
+        if record is None or not record.session_hash or digest(session_ref) != record.session_hash:
             bound.warning("media_session_rejected", known_call=record is not None)
             await ws.close(1008, "unknown session")
             return
@@ -287,8 +305,9 @@ class Gateway:
             await existing.adopt(leg)
             await existing.wait()
             return
+        token = new_secret()
+        record.token_hash = digest(token)
         record.owner = self.registry.instance_id
-        record.state = State.RINGING
         await self.registry.put(record, LIVE_TTL_S)
         session = Session(
             record,
@@ -411,18 +430,28 @@ class Gateway:
         """The owner is gone: do what the REST API can do alone (hang up, transfer)."""
         assert self.calls is not None and self.transfers is not None
         bound = log.bind(call_sid=record.call_sid)
-        if isinstance(action, TransferPlan):
-            await self.registry.set_state(record.call_sid, State.TRANSFERRING)
-            await self.transfers.transfer(record.call_sid, action)
-            # Kept, not deleted: a transfer nobody takes brings the caller back to an agent.
-            await self.registry.set_state(record.call_sid, State.TRANSFERRED)
-            bound.info("orphan_call_transferred", target=action.target)
-        elif isinstance(action, EndCall):
-            await self.calls.hangup(record.call_sid)
-            await self.registry.delete(record.call_sid)
-            bound.info("orphan_call_hung_up")
-        else:
+        if record.state in (State.ENDING, State.TRANSFERRING):
+            if isinstance(action, EndCall) and record.state == State.ENDING:
+                return control.ok_body(action, record.call_sid)  # a repeated end_call
+            raise control.error(409, f"call_{record.state}", f"the call is already {record.state}")
+        if isinstance(action, SendDtmf):
             raise control.error(503, "owner_unavailable", "the call's media is on an instance that is gone")
+        leaving = State.TRANSFERRING if isinstance(action, TransferPlan) else State.ENDING
+        await self.registry.set_state(record.call_sid, leaving)
+        try:
+            if isinstance(action, TransferPlan):
+                await self.transfers.transfer(record.call_sid, action)
+                # Kept, not deleted: a transfer nobody takes brings the caller back to an agent.
+                await self.registry.set_state(record.call_sid, State.TRANSFERRED)
+                bound.info("orphan_call_transferred", target=action.target)
+            else:
+                await self.calls.hangup(record.call_sid)
+                await self.registry.delete(record.call_sid)
+                bound.info("orphan_call_hung_up")
+        except TwilioRestError as exc:
+            await self.registry.set_state(record.call_sid, record.state)
+            bound.error("orphan_call_action_failed", error=str(exc))
+            raise control.error(502, "twilio_refused", str(exc)) from None
         return control.ok_body(action, record.call_sid)
 
     async def handle_routed(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -8,22 +8,55 @@ import sys
 import tempfile
 from pathlib import Path
 
+import uvicorn
+
+from gateway import logging as gateway_logging
+from gateway.app import Gateway, create_app
+from gateway.sandbox.servers import uvicorn_config
 from gateway.settings import Settings, SettingsError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway import logging as gateway_logging
-    from gateway.app import create_app
-    from gateway.sandbox.servers import uvicorn_config
-
     settings = Settings.from_env()
     gateway_logging.configure(settings.log_level, settings.log_format, settings.secrets)
     port = args.port or settings.port
     extra = {"loop": "uvloop", "http": "httptools"} if _has("uvloop") and _has("httptools") else {}
-    uvicorn.Server(uvicorn_config(create_app(settings), args.host, port, **extra)).run()
+    app = create_app(settings)
+    grace = settings.shutdown_grace_s if args.grace is None else args.grace
+    server = GracefulServer(uvicorn_config(app, args.host, port, **extra), app.state.gateway, grace)
+    server.run()
     return 0
+
+
+class GracefulServer(uvicorn.Server):
+    """On SIGTERM, drain calls first (readiness off, calls end gracefully), then stop.
+
+    uvicorn alone would close every media socket at once with 1012 before the app hears of
+    the shutdown: callers cut off mid-sentence, agents never told.
+    """
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, grace_s: float) -> None:
+        super().__init__(config)
+        self._gateway = gateway
+        self._grace_s = grace_s
+        self._draining: asyncio.Future[None] | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if self._draining is not None or self.should_exit:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        loop = self._loop
+        self._draining = asyncio.run_coroutine_threadsafe(self._drain_then_exit(sig, frame), loop)  # type: ignore[assignment]
+
+    async def _drain_then_exit(self, sig: int, frame: object) -> None:
+        try:
+            await self._gateway.drain(self._grace_s)
+        finally:
+            super().handle_exit(sig, frame)
 
 
 def _has(module: str) -> bool:
@@ -33,8 +66,6 @@ def _has(module: str) -> bool:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from gateway import logging as gateway_logging
-
     gateway_logging.configure("warning" if not args.verbose else "info", "console")
     return asyncio.run(_simulate_call(args))
 
@@ -104,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=0, help="default: $PORT or 8080")
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="on SIGTERM, seconds live calls get to finish before they are ended "
+        "(default: SHUTDOWN_GRACE_S, 15)",
+    )
     serve.set_defaults(run=_serve)
     simulate = sub.add_parser("simulate", help="run a whole call locally: no credentials, no network")
     simulate.add_argument(

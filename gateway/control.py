@@ -37,7 +37,14 @@ TARGET_FIELDS = ("to", "target", "target_phone_number", "phone_number", "sip_uri
 
 _E164 = re.compile(r"\+[1-9]\d{6,14}")
 _PHONE_PUNCTUATION = re.compile(r"[\s\-().]")
-_SIP_URI = re.compile(r"sips?:(?:[^@\s:;?]+(?::[^@\s;?]*)?@)?[A-Za-z0-9.\-\[\]:]+(?:;[^\s?]*)?")
+# sip:user@host[:port][;param[=value]]... Strict on purpose: no second '@' can hide anywhere,
+# so the host an allow-list pattern sees is the host Twilio dials.
+_SIP_URI = re.compile(
+    r"(?P<scheme>sips?):(?:(?P<user>[A-Za-z0-9_.!~*'()&=+$,%\-]+)@)?"
+    r"(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+    r"(?:;[A-Za-z0-9_.\-]+(?:=[A-Za-z0-9_.\-]+)?)*",
+    re.I,
+)
 _SIP_HEADER_NAME = re.compile(r"X-[A-Za-z0-9\-]{1,64}", re.I)
 _DTMF = re.compile(r"[0-9*#wW]+")
 
@@ -63,6 +70,13 @@ class TransferPolicy:
     def allows(self, target: str) -> bool:
         if self.default_to and target == normalise_destination(self.default_to):
             return True
+        # SIP targets are matched as scheme:user@host, parameters and port left out.
+        match = _SIP_URI.fullmatch(target)
+        if target.lower().startswith("sip") and match is None:
+            return False
+        if match is not None:
+            user = f"{match['user']}@" if match["user"] else ""
+            target = f"{match['scheme'].lower()}:{user}{match['host'].lower()}"
         return any(fnmatch.fnmatchcase(target, pattern) for pattern in self.allow)
 
 

@@ -86,6 +86,7 @@ def configure(
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,  # the traceback as text, then scrubbed
                 redactor,
                 renderer,
             ],

@@ -146,6 +146,19 @@ class ActionRefused(Exception):
         self.message = message
 
 
+class LogThrottle:
+    """The first few of a kind in full, then every hundredth: a broken peer must not make
+    logging the bottleneck."""
+
+    def __init__(self, first: int = 5, every: int = 100) -> None:
+        self.count = 0
+        self._first, self._every = first, every
+
+    def allow(self) -> bool:
+        self.count += 1
+        return self.count <= self._first or self.count % self._every == 0
+
+
 class Playback:
     """What the caller has heard, from Twilio's mark echoes. Pure bookkeeping, no I/O."""
 
@@ -227,7 +240,12 @@ class Session:
         self._log = log.bind(call_sid=record.call_sid)
         self._carrier: CarrierLeg | None = None
         self._agent: AgentLeg | None = None
-        self._pending: deque[CallerAudio] = deque(maxlen=PENDING_UPLINK_FRAMES)
+        self._pending: deque[CallerAudio | CallerDtmf] = deque(maxlen=PENDING_UPLINK_FRAMES)
+        # The agent's socket from the moment it opens (for cleanup), before `_agent` is set
+        # (for sending, once the frames held before the ack have gone out in order).
+        self._agent_socket: AgentLeg | None = None
+        self._agent_gone = False
+        self._agent_noise = LogThrottle()
         self._pending_dropped = 0
         self._converter = DownlinkConverter(output_format)
         self.playback = Playback()
@@ -292,9 +310,9 @@ class Session:
     async def _cleanup(self) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                if self._agent is not None:
+                if self._agent_socket is not None:
                     transferred = self.state in (State.TRANSFERRING, State.TRANSFERRED)
-                    await self._agent.close(1000, "call transferred" if transferred else "call ended")
+                    await self._agent_socket.close(1000, "call transferred" if transferred else "call ended")
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 if self._carrier is not None:
@@ -308,7 +326,11 @@ class Session:
                 # with this call's metadata. Its token is dead already (final state: 404).
                 await self._registry.put(self.record, TRANSFERRED_TTL_S)
             else:
-                await self._registry.delete(self.call_sid)
+                # Only if the entry is still ours: a newer agent session for this call (after a
+                # transfer nobody took) has its own token, and must not be removed by us.
+                current = await self._registry.get(self.call_sid)
+                if current is None or current.token_hash == self.record.token_hash:
+                    await self._registry.delete(self.call_sid)
         except Exception as exc:
             self._log.warning("registry_cleanup_failed", error=str(exc))
         duration = 0.0 if self._live_since is None else time.monotonic() - self._live_since
@@ -350,7 +372,8 @@ class Session:
         self._log.info("carrier_replaced")
         if old is not None:
             with contextlib.suppress(Exception):
-                await old.close(1000, "replaced by a newer stream")
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await old.close(1000, "replaced by a newer stream")
 
     # Uplink: caller -> agent
 
@@ -366,7 +389,7 @@ class Session:
                 return
 
     async def _uplink(self) -> None:
-        malformed = 0
+        malformed = LogThrottle()
         async for event in self._carrier_events():
             match event:
                 case CallerAudio():
@@ -375,9 +398,7 @@ class Session:
                     if self._agent is not None:
                         await self._agent.send_audio(event.payload)
                     else:
-                        if len(self._pending) == PENDING_UPLINK_FRAMES:
-                            self._pending_dropped += 1
-                        self._pending.append(event)
+                        self._hold(event)
                 case PlaybackMark(name):
                     self.playback.echoed(name)
                 case CallerDtmf(digit):
@@ -385,15 +406,19 @@ class Session:
                     self._emit("dtmf", self.call_sid, digits=digit, source="caller")
                     if self._agent is not None:
                         await self._agent.send_dtmf(digit)
+                    else:
+                        self._hold(event)
                 case StreamStopped():
                     break
                 case ProtocolError():
-                    malformed += 1
-                    # Log the first few in full, then every hundredth: a broken peer must not
-                    # turn the log into the bottleneck.
-                    if malformed <= 5 or malformed % 100 == 0:
-                        self._log.warning("carrier_frame_dropped", error=str(event), count=malformed)
+                    if malformed.allow():
+                        self._log.warning("carrier_frame_dropped", error=str(event), count=malformed.count)
         await self._caller_left()
+
+    def _hold(self, event: CallerAudio | CallerDtmf) -> None:
+        if len(self._pending) == PENDING_UPLINK_FRAMES:
+            self._pending_dropped += 1
+        self._pending.append(event)
 
     async def _caller_left(self) -> None:
         self._carrier_gone = True
@@ -417,8 +442,13 @@ class Session:
             self._log.error("agent_unavailable", error=str(exc))
             await self._hang_up("agent_unavailable")
             return
-        while self._pending:  # caller audio that came before the ack, in order
-            await agent.send_audio(self._pending.popleft().payload)
+        self._agent_socket = agent
+        while self._pending:  # what the caller said and pressed before the ack, in order
+            held = self._pending.popleft()
+            if isinstance(held, CallerDtmf):
+                await agent.send_dtmf(held.digit)
+            else:
+                await agent.send_audio(held.payload)
         if self._pending_dropped:
             self._log.warning("uplink_frames_dropped_before_ack", count=self._pending_dropped)
         self._agent = agent
@@ -452,9 +482,12 @@ class Session:
                 case AgentTransfer():
                     await self._agent_transfer(event)
                 case AgentUnknown(name):
-                    self._log.info("agent_event_ignored", event=name)
+                    if self._agent_noise.allow():
+                        self._log.info("agent_event_ignored", event=name, count=self._agent_noise.count)
                 case ProtocolError():
-                    self._log.warning("agent_frame_dropped", error=str(event))
+                    if self._agent_noise.allow():
+                        count = self._agent_noise.count
+                        self._log.warning("agent_frame_dropped", error=str(event), count=count)
         await self._agent_left(agent.close_code, agent.close_reason)
 
     async def _play(self, payload_b64: str) -> None:
@@ -475,6 +508,17 @@ class Session:
             self._recorder.agent(mulaw)
         self.playback.sent(mulaw_duration_s(len(mulaw)))
         await self._mark(force=self.state in State.LEAVING)
+
+    async def _play_tail(self) -> None:
+        """The resampler holds a few ms of the agent's last words; play them too."""
+        if self._converter.passthrough or self._carrier is None:
+            return
+        tail = self._converter.flush()
+        if tail:
+            await self._carrier.send_audio(base64.b64encode(tail).decode())
+            if self._recorder is not None:
+                self._recorder.agent(tail)
+            self.playback.sent(mulaw_duration_s(len(tail)))
 
     async def _mark(self, *, force: bool = False) -> None:
         name = self.playback.next_mark(force=force)
@@ -514,6 +558,8 @@ class Session:
             self._log.warning("agent_transfer_refused", code=exc.code, error=exc.message)
 
     async def _agent_left(self, code: int | None, reason: str | None) -> None:
+        self._agent_gone = True
+        await self._play_tail()
         if self._intent or self.state in State.LEAVING:
             return  # we are ending or transferring; the inbox task finishes the call
         if ended_by_agent(code, reason):
@@ -529,10 +575,10 @@ class Session:
 
     async def _drain(self) -> None:
         """Wait until the caller has heard everything the agent said (bounded)."""
-        await self._mark(force=True)
         budget = self.playback.unplayed_s + self._drain_s
         try:
             async with asyncio.timeout(budget):
+                await self._mark(force=True)
                 await self.playback.played_out.wait()
         except TimeoutError:
             self._log.warning("drain_timed_out", waited_s=round(budget, 2))
@@ -609,6 +655,9 @@ class Session:
                 self._finish("caller_hung_up")
                 return
             self._intent = None
+            if self._agent_gone:  # nobody left to talk to: do not leave the caller in silence
+                await self._hang_up("transfer_failed")
+                return
             await self._transition(State.LIVE, cause="transfer_failed")
             return
         self._finish("transferred")

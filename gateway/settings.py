@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.audio import OUTPUT_FORMATS
 
@@ -109,6 +110,9 @@ class Settings:
     transfer_caller_id: str = ""
     transfer_allow: tuple[str, ...] = ()
     end_call_drain_s: float = 5.0
+    # On SIGTERM, live calls get this long to finish before they are ended; with the agent's
+    # drain and the hang-up it fits a platform's usual 30 s stop window.
+    shutdown_grace_s: float = 15.0
     transfer_fallback: str = "agent"
     transfer_fallback_message: str = "Sorry, nobody could take your call right now. Goodbye."
     transfer_timeout_s: int = 30
@@ -166,6 +170,7 @@ class Settings:
             transfer_caller_id=get("TRANSFER_CALLER_ID"),
             transfer_allow=tuple(p.strip() for p in get("TRANSFER_ALLOW").split(",") if p.strip()),
             end_call_drain_s=_float("END_CALL_DRAIN_S", get("END_CALL_DRAIN_S", "5")),
+            shutdown_grace_s=_float("SHUTDOWN_GRACE_S", get("SHUTDOWN_GRACE_S", "15")),
             transfer_fallback=_choice(
                 "TRANSFER_FALLBACK", get("TRANSFER_FALLBACK", "agent"), ("agent", "hangup")
             ),
@@ -195,5 +200,6 @@ class Settings:
             self.gateway_api_key,
             self.call_events_secret,
             *(password for _, _, password in self.transfer_sip_credentials),
+            urlsplit(self.redis_url).password or "",
         ]
         return tuple(s for s in values if s)

@@ -48,7 +48,7 @@ class Transfers:
         return await self._calls.hangup(call_sid)
 
     def _sip_credentials(self, target: str) -> tuple[str, str] | None:
-        if not target.startswith("sip"):
+        if not target.lower().startswith("sip"):
             return None
         host = target.split("@", 1)[-1].split(";", 1)[0].split("?", 1)[0].split(":", 1)[0]
         for pattern, username, password in self._settings.transfer_sip_credentials:

@@ -269,3 +269,68 @@ async def test_final_status_callback_ends_and_removes_the_session():
         await wait_until(lambda: not gateway.sessions)
         assert await gateway.registry.get(call.call_sid) is None
         assert box.rest.hangups() == []
+
+
+@pytest.mark.parametrize("how", ["caller_hangs_up", "status_callback"])
+async def test_call_ending_before_the_ack_closes_the_agent_socket(how):
+    behaviour = AgentBehaviour(greeting_s=0.2, ack_delay_s=1.5)
+    async with sandbox(behaviour) as box:
+        call = await box.connect_call()
+        runner = asyncio.create_task(call.run(CallScript(max_s=10)))
+        agent_call = await box.agent.wait_for_call()  # `start` received, no ack yet
+        if how == "caller_hangs_up":
+            await call.hang_up()
+        else:
+            form = {"CallSid": call.call_sid, "CallStatus": "completed", "AccountSid": call.account_sid}
+            assert (await call.post("/twilio/status", form))[0] == 204
+        await asyncio.wait_for(runner, 5)
+        await asyncio.wait_for(agent_call.closed.wait(), 3)  # not left open holding a slot
+        assert agent_call.close_code == 1000
+        gateway = gateway_of(box)
+        await wait_until(lambda: not gateway.sessions)
+
+
+async def test_caller_dtmf_before_the_ack_reaches_the_agent_in_order():
+    async with sandbox(AgentBehaviour(greeting_s=0.2, ack_delay_s=0.6, dtmf_replies={})) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(dtmf=[(0.1, "4"), (0.2, "2")], hangup_at=1.2))
+        agent_call = await box.agent.wait_for_call()
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+    assert agent_call.dtmf_in == ["4", "2"]
+
+
+async def test_an_oversized_unsigned_webhook_is_refused_without_buffering_it():
+    async def body():
+        for _ in range(64):
+            yield b"x=" + b"a" * 4096 + b"&"
+
+    async with sandbox() as box:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(
+                box.url + "/twilio/voice",
+                data=body(),  # chunked: no Content-Length to refuse it by
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            assert resp.status == 413
+        assert box.agent.calls == []
+
+
+async def test_a_silent_twilio_socket_ends_the_call(monkeypatch):
+    monkeypatch.setattr("gateway.carriers.twilio_media.IDLE_TIMEOUT_S", 0.5)
+    async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
+        call = await box.connect_call()  # `start`, then nothing: a half-open connection
+        agent_call = await box.agent.wait_for_call()
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+        gateway = gateway_of(box)
+        await wait_until(lambda: not gateway.sessions)
+        await call._close("test over")
+
+
+async def test_agent_dtmf_strings_past_the_bound_are_dropped_not_played():
+    from gateway.agents import cartesia
+    from gateway.events import ProtocolError
+
+    with pytest.raises(ProtocolError, match="1 to 64"):
+        cartesia.parse_frame('{"event":"dtmf","dtmf":"' + "w" * 65 + '"}')

@@ -248,3 +248,72 @@ async def test_readyz_reports_the_registry(redis_server, instances):
                     assert resp.status == 200
     finally:
         server.stop()
+
+
+async def test_webhook_on_one_instance_and_media_on_another(redis_server):
+    """Behind a load balancer the webhook and the media socket often land apart."""
+    async with cluster(redis_server.url) as (gateways, rest, agent, calls, token):
+        a, b = gateways
+        call = SimulatedCall(a.url, token, account_sid=ACCOUNT_SID)
+        calls[call.call_sid] = call
+        rest.add_call(call.call_sid)
+        assert await call.dial() == 200  # answered by A
+        call.stream_url = call.stream_url.replace(a.url.split("//")[1], b.url.split("//")[1])
+        await call.open_stream()  # media on B
+        runner = asyncio.create_task(call.run(CallScript(max_s=20)))
+        agent_call = await agent_call_for(agent, call.call_sid)
+        control_url = agent_call.metadata["control_url"]
+        assert control_url.startswith(b.url)  # the token was minted where the media is
+        await asyncio.sleep(2.5)  # a heartbeat or two on both sides
+        status, body = await post(on(a, control_url), {"action": "send_dtmf", "digits": "3"})
+        assert status == 200, body  # A routes to B, the owner
+        assert (await post(on(a, control_url), {"action": "end_call"}))[0] == 200
+        await asyncio.wait_for(runner, 10)
+        assert len(rest.hangups(call.call_sid)) == 1
+        for g in gateways:
+            g.stop()
+        logs = a.log + b.log
+        secret = control_url.rsplit("/", 1)[1]
+        assert call.call_sid in logs
+        assert secret not in logs and call.parameters["session"] not in logs
+        assert token not in logs
+
+
+async def test_sigterm_ends_live_calls_gracefully_before_exiting():
+    rest = TwilioRestFake(ACCOUNT_SID, "tok_" + "5" * 28)
+    agent = AgentEmulator(AgentBehaviour(greeting_s=0.2))
+    calls: dict[str, SimulatedCall] = {}
+
+    async def carrier_update(call_sid: str, form: dict[str, str]) -> None:
+        if call_sid in calls:
+            await calls[call_sid].carrier_update(form)
+
+    rest.on_update = carrier_update
+    async with serve(rest.app) as rest_url, agent.running():
+        env = {
+            "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+            "TWILIO_AUTH_TOKEN": rest.auth_token,
+            "TWILIO_API_BASE": rest_url,
+            "CARTESIA_AGENT_ID": "agent_x",
+            "CARTESIA_URL": agent.url,
+            "END_CALL_DRAIN_S": "1",
+        }
+        env.pop("REDIS_URL", None)
+        gateway = GatewayProcess({**env, "REDIS_URL": ""})
+        gateway.env["SHUTDOWN_GRACE_S"] = "0.5"
+        await gateway.start()
+        try:
+            call = await start_call(gateway, rest.auth_token, rest, calls)
+            runner = asyncio.create_task(call.run(CallScript(max_s=20)))
+            agent_call = await agent_call_for(agent, call.call_sid)
+            gateway.proc.send_signal(signal.SIGTERM)
+            async with aiohttp.ClientSession() as http, http.get(gateway.url + "/readyz") as resp:
+                assert resp.status == 503  # draining: the platform stops sending calls here
+            await asyncio.wait_for(runner, 15)
+            await asyncio.wait_for(agent_call.closed.wait(), 5)
+            assert gateway.proc.wait(15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+        finally:
+            gateway.stop()
+    assert len(rest.hangups(call.call_sid)) == 1  # ended through Twilio, not cut off
+    assert call.end_reason == "hung up via REST"
+    assert agent_call.close_code == 1000

@@ -44,9 +44,13 @@ PING_TIMEOUT_S = 30.0
 # Bounds on bringing the agent up: TCP + TLS + upgrade, then the `ack` to our `start`.
 OPEN_TIMEOUT_S = 10.0
 ACK_TIMEOUT_S = 10.0
+# A send waits for the write buffer (32 KiB, ~2 s of audio) to drain at most this long.
+SEND_TIMEOUT_S = 5.0
 # When we close, how long to wait for the agent's close frame before dropping the TCP socket.
 CLOSE_TIMEOUT_S = 2.0
 AGENT_END_REASON = "call ended by agent"
+# Each digit is 160 ms of tones; 64 digits is ten seconds. Longer strings are not DTMF.
+MAX_DTMF_DIGITS = 64
 
 
 class AgentUnavailable(RuntimeError):
@@ -124,8 +128,8 @@ def parse_frame(text: str | bytes) -> AgentEvent:
         return AgentClear()
     if event == "dtmf":
         digit = frame.get("dtmf")
-        if not isinstance(digit, str) or not digit:
-            raise ProtocolError("dtmf.dtmf must be a non-empty string")
+        if not isinstance(digit, str) or not 0 < len(digit) <= MAX_DTMF_DIGITS:
+            raise ProtocolError(f"dtmf.dtmf must be a string of 1 to {MAX_DTMF_DIGITS} digits")
         return AgentDtmf(digit)
     if event == "ack":
         stream_id = frame.get("stream_id")
@@ -222,6 +226,13 @@ class CartesiaAgent:
         except ProtocolError as exc:
             await agent.close(1002, "protocol error")
             raise AgentUnavailable(f"agent sent a malformed frame before ack: {exc}") from None
+        except BaseException:
+            # Cancelled (the call ended while the agent was coming up): the agent already has
+            # our `start`, so close its socket rather than leave it holding a concurrency slot.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await ws.close(1000, "call ended")
+            raise
 
     async def events(self) -> AsyncIterator[AgentEvent | ProtocolError]:
         """Frames from the agent until it closes. Malformed frames come as ProtocolError values."""
@@ -244,8 +255,16 @@ class CartesiaAgent:
 
     async def _send(self, text: str) -> None:
         # A closed socket is the downlink's to notice and to decide what it means for the call.
-        with contextlib.suppress(ConnectionClosed):
-            await self._ws.send(text)
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await self._ws.send(text)
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            # The agent has not read ~2 s of audio (websockets' write buffer) for this long:
+            # it is gone. Closing it makes the downlink end the call instead of stalling.
+            log.warning("agent_not_reading", waited_s=SEND_TIMEOUT_S)
+            self._ws.transport.abort()
 
     async def send_audio(self, payload_b64: str) -> None:
         await self._send(media_input_frame(self.stream_id, payload_b64))

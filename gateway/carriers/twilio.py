@@ -165,7 +165,7 @@ def dial_twiml(
         attrs["action"] = action_url
         attrs["method"] = "POST"
     dial = Dial(**attrs)
-    if target.startswith("sip"):
+    if target.lower().startswith("sip"):
         auth = {"username": sip_credentials[0], "password": sip_credentials[1]} if sip_credentials else {}
         dial.sip(sip_uri_with_headers(target, headers or {}), **auth)
     else:

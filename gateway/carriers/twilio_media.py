@@ -19,6 +19,12 @@ log = structlog.get_logger(__name__)
 START_TIMEOUT_S = 10.0
 # Frames that may come before `start`: `connected`, and perhaps junk. More is not Twilio.
 MAX_FRAMES_BEFORE_START = 8
+# Twilio sends a media frame every 20 ms for the whole call, silence included, so a socket
+# that has said nothing this long is dead (a half-open TCP connection), and the call is over.
+IDLE_TIMEOUT_S = 10.0
+# A send waits this long for room in the socket's buffer; past it the caller's side is
+# stalled for good, and the socket is closed rather than stall the agent's side too.
+SEND_TIMEOUT_S = 5.0
 
 
 async def _receive(ws: WebSocket) -> str | None:
@@ -63,13 +69,17 @@ class TwilioMediaLeg:
         """Frames until `stop` (yielded) or the socket closes. Malformed ones as ProtocolError."""
         while True:
             try:
-                text = await _receive(self._ws)
+                async with asyncio.timeout(IDLE_TIMEOUT_S):
+                    text = await _receive(self._ws)
                 if text is None:
                     return
                 event = twilio.parse_frame(text)
             except ProtocolError as exc:
                 yield exc
                 continue
+            except TimeoutError:
+                log.warning("carrier_silent", stream_sid=self.stream_sid, idle_s=IDLE_TIMEOUT_S)
+                return
             except (WebSocketDisconnect, RuntimeError):
                 return  # closed underneath us (replaced or shutting down)
             if event is not None:
@@ -80,8 +90,14 @@ class TwilioMediaLeg:
     async def _send(self, text: str) -> None:
         if self._ws.application_state is WebSocketState.CONNECTED:
             # If the caller is gone, the uplink sees the close and ends the call.
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-                await self._ws.send_text(text)
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await self._ws.send_text(text)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                pass
+            except TimeoutError:
+                log.warning("carrier_not_reading", stream_sid=self.stream_sid)
+                await self.close(1011, "not reading")
 
     async def send_audio(self, payload_b64: str) -> None:
         await self._send(twilio.media_frame(self.stream_sid, payload_b64))
@@ -94,5 +110,6 @@ class TwilioMediaLeg:
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._ws.application_state is WebSocketState.CONNECTED:
-            with contextlib.suppress(RuntimeError, OSError):
-                await self._ws.close(code, reason)
+            with contextlib.suppress(RuntimeError, OSError, TimeoutError):
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await self._ws.close(code, reason)

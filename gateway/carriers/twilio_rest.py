@@ -62,9 +62,13 @@ class TwilioCalls:
         return True
 
     async def redirect(self, call_sid: str, twiml: str) -> None:
-        """Replace the call's TwiML (ends the media stream; used for transfers)."""
+        """Replace the call's TwiML (ends the media stream; used for transfers).
+
+        Not retried after a timeout: Twilio may have applied it, and a second update would
+        restart a `<Dial>` that is already ringing someone.
+        """
         try:
-            await self._update(call_sid, twiml=twiml)
+            await self._update(call_sid, retry_unanswered=False, twiml=twiml)
         except TwilioRestException as exc:
             raise TwilioRestError(f"call update refused: HTTP {exc.status} code {exc.code}") from None
 
@@ -93,7 +97,7 @@ class TwilioCalls:
             raise TwilioRestError(f"recording refused: HTTP {exc.status} code {exc.code}") from None
         return str(recording.sid)
 
-    async def _update(self, call_sid: str, **fields: Any) -> None:
+    async def _update(self, call_sid: str, *, retry_unanswered: bool = True, **fields: Any) -> None:
         for attempt in range(MAX_ATTEMPTS):
             try:
                 await self._client.calls(call_sid).update_async(**fields)
@@ -104,7 +108,7 @@ class TwilioCalls:
                     raise
                 log.warning("twilio_rest_retry", call_sid=call_sid, status=exc.status, code=exc.code)
             except (TimeoutError, OSError, aiohttp.ClientError) as exc:
-                if attempt == MAX_ATTEMPTS - 1:
+                if attempt == MAX_ATTEMPTS - 1 or not retry_unanswered:
                     raise TwilioRestError(f"Twilio unreachable: {type(exc).__name__}") from None
                 log.warning("twilio_rest_retry", call_sid=call_sid, error=type(exc).__name__)
             await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])

@@ -46,7 +46,8 @@ class CallRecord:
     to: str
     agent_id: str
     direction: str
-    token_hash: str
+    token_hash: str  # SHA-256 of the control token (minted when the media socket lands)
+    session_hash: str = ""  # SHA-256 of the stream's `session` parameter
     account_sid: str = ""
     started_at: float = field(default_factory=time.time)
     sip_headers: dict[str, str] = field(default_factory=dict)

@@ -550,7 +550,8 @@ class RedisRegistry(SessionRegistry):
             now = time.monotonic()
             self._sweep_mirror(now)
             snapshot = [
-                (sid, e.version, _copy(e.record), e.remaining_s(now)) for sid, e in self._mirror.items()
+                (sid, e.version, _copy(e.record), e.remaining_s(now), e.ttl_s)
+                for sid, e in self._mirror.items()
             ]
             graves = dict(self._tombstones)
             for call_sid, token_hash in graves.items():
@@ -559,20 +560,18 @@ class RedisRegistry(SessionRegistry):
                 if call_sid in self._tombstones and self._tombstones[call_sid] == token_hash:
                     del self._tombstones[call_sid]
             pipe = self._redis.pipeline(transaction=False)
-            for call_sid, _, record, remaining in snapshot:
-                pipe.set(self._call_key(call_sid), self._encode(record), px=_ms(remaining))
-                pipe.set(self._token_key(record.token_hash), call_sid, px=_ms(remaining))
+            for _, _, record, remaining, ttl_s in snapshot:
+                self._queue_restore(pipe, record, remaining, ttl_s)
             await pipe.execute()
             # Writes that raced the snapshot: deleted since (undo ours) or changed since (redo).
-            for call_sid, version, record, _ in snapshot:
+            for call_sid, version, record, _, _ in snapshot:
                 entry = self._mirror.get(call_sid)
                 if entry is None:
                     await self._delete_keys(call_sid, record.token_hash)
                 elif entry.version != version:
                     remaining = entry.remaining_s(time.monotonic())
                     pipe = self._redis.pipeline(transaction=True)
-                    pipe.set(self._call_key(call_sid), self._encode(entry.record), px=_ms(remaining))
-                    pipe.set(self._token_key(entry.record.token_hash), call_sid, px=_ms(remaining))
+                    self._queue_restore(pipe, entry.record, remaining, entry.ttl_s)
                     await pipe.execute()
         except BaseException:
             self._healthy = False
@@ -585,6 +584,14 @@ class RedisRegistry(SessionRegistry):
                 deletes=len(graves),
                 after_outage=not was_healthy,
             )
+
+    def _queue_restore(self, pipe: Any, record: CallRecord, remaining_s: float, ttl_s: float) -> None:
+        # A call that only rang here (put with a ringing TTL) may have had its media socket land
+        # on another instance, which then owns it: restore it only if Redis has nothing newer
+        # (NX). A call whose media is here (put with the live TTL) is ours, and our copy wins.
+        nx = ttl_s < LIVE_TTL_S
+        pipe.set(self._call_key(record.call_sid), self._encode(record), px=_ms(remaining_s), nx=nx)
+        pipe.set(self._token_key(record.token_hash), record.call_sid, px=_ms(remaining_s), nx=nx)
 
     async def _heartbeat_loop(self, first_delay: float) -> None:
         backoff = BACKOFF_MIN_S

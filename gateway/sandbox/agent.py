@@ -43,6 +43,7 @@ class AgentBehaviour:
     dtmf_replies: dict[str, str] = field(default_factory=lambda: {"*": "147"})
     transfer_digit: str = "0"  # send transfer_call to transfer_target
     transfer_target: str = "+15550001111"
+    close_after_transfer: bool = False  # like Line's own transfer tool: the agent side ends
     end_call_tool_digit: str = "7"  # a tool POSTs {"action":"end_call"} to the control URL
     send_custom: bool = True
     ack_delay_s: float = 0.0
@@ -179,6 +180,8 @@ class AgentEmulator:
                     }
                 )
             )
+            if b.close_after_transfer:
+                await ws.close(1000, "call ended by agent")
         elif digit == b.end_call_tool_digit:
             # What a tool written for the hosted connector does: POST to the control URL.
             url = call.metadata.get("vox_session_control_url", "")

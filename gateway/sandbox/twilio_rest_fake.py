@@ -59,6 +59,7 @@ class TwilioRestFake:
         self.calls: dict[str, str] = {}  # call_sid -> status
         self.on_update: UpdateHook | None = None
         self.on_create: CreateHook | None = None
+        self.refuse_redirects = False  # answer every TwiML update with a Twilio error
         self.auto_progress: AutoProgress | None = None
         self.created: list[RestRequest] = []
         self.active = 0
@@ -189,6 +190,8 @@ class TwilioRestFake:
             return self._error(404, 20404, f"The requested resource {request.url.path} was not found")
         if status != "in-progress":
             return self._error(400, 21220, "Call is not in-progress. Cannot redirect.")
+        if self.refuse_redirects and "Twiml" in form:
+            return self._error(400, 13221, "Dial: Invalid 'To' attribute")
         if form.get("Status") == "completed":
             self.calls[call_sid] = "completed"
         if self.on_update is not None:
