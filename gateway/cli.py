@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import uvicorn
@@ -104,6 +107,46 @@ async def _simulate_call(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _call(args: argparse.Namespace) -> int:
+    """One outbound call through a running gateway's API."""
+    settings = Settings.from_env()
+    if not settings.gateway_api_key:
+        print("error: set GATEWAY_API_KEY (the gateway's key for POST /calls)", file=sys.stderr)
+        return 2
+    body: dict[str, object] = {"to": args.to}
+    for key, value in (("agent", args.agent), ("from", args.from_)):
+        if value:
+            body[key] = value
+    if args.metadata:
+        try:
+            body["metadata"] = json.loads(args.metadata)
+        except json.JSONDecodeError as exc:
+            print(f"error: --metadata is not JSON: {exc}", file=sys.stderr)
+            return 2
+    if args.machine_detection:
+        body["machine_detection"] = True
+    gateway = (args.gateway or f"http://127.0.0.1:{settings.port}").rstrip("/")
+    request = urllib.request.Request(
+        gateway + "/calls",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {settings.gateway_api_key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            reply = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        reply = json.loads(exc.read() or b"{}")
+        error = reply.get("error", {})
+        print(f"error: HTTP {exc.code} {error.get('code', '')}: {error.get('message', '')}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, TimeoutError) as exc:
+        print(f"error: cannot reach the gateway at {gateway}: {exc}", file=sys.stderr)
+        return 1
+    print(reply["call_sid"])
+    return 0
+
+
 def _doctor(_args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
@@ -153,6 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--output", help="where to write the caller's recording (WAV)")
     simulate.add_argument("--verbose", action="store_true", help="show the gateway's logs")
     simulate.set_defaults(run=_simulate)
+    call = sub.add_parser("call", help="start one outbound call through a running gateway")
+    call.add_argument("to", help="E.164 number or sip: URI to call")
+    call.add_argument("--agent", help="agent id (default: the gateway's CARTESIA_AGENT_ID)")
+    call.add_argument("--from", dest="from_", help="caller ID (default: the gateway's OUTBOUND_FROM)")
+    call.add_argument("--metadata", help="JSON object handed to the agent")
+    call.add_argument("--machine-detection", action="store_true", help="ask Twilio to detect machines")
+    call.add_argument("--gateway", help="the gateway's URL (default: http://127.0.0.1:$PORT)")
+    call.set_defaults(run=_call)
     doctor = sub.add_parser("doctor", help="check the settings in the environment")
     doctor.set_defaults(run=_doctor)
     args = parser.parse_args(argv)

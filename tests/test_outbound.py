@@ -174,3 +174,26 @@ async def test_a_restart_mid_batch_loses_and_duplicates_no_one(redis_server):
     assert done["done"] == 50
     assert status_hosts == {urlsplit(balancer.url).netloc}
     assert all("slot" in parse_qs(urlsplit(c.form["StatusCallback"]).query) for c in rest.created)
+
+
+async def test_line_gateway_call_starts_one_call_from_the_command_line(monkeypatch, capsys):
+    from gateway.cli import main
+
+    async with sandbox(gateway_api_key=API_KEY, outbound_from="+15550000001") as box:
+        monkeypatch.setenv("GATEWAY_API_KEY", API_KEY)
+        argv = [
+            "call",
+            "+15557000009",
+            "--agent",
+            "agent_cli",
+            "--metadata",
+            '{"k": 1}',
+            "--gateway",
+            box.url,
+        ]
+        assert await asyncio.to_thread(main, argv) == 0
+        (created,) = box.rest.created
+        assert created.form["To"] == "+15557000009"
+        assert capsys.readouterr().out.strip() == created.call_sid
+        assert await asyncio.to_thread(main, ["call", "nonsense", "--gateway", box.url]) == 1
+        assert "invalid_destination" in capsys.readouterr().err
