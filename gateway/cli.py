@@ -74,7 +74,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 async def _simulate_call(args: argparse.Namespace) -> int:
-    from gateway.audio import pcm16_to_ulaw, tone_pcm16
+    from gateway.audio import detect_dtmf, pcm16_to_ulaw, tone_pcm16
     from gateway.sandbox.agent import AgentBehaviour
     from gateway.sandbox.caller import CallScript
     from gateway.sandbox.harness import sandbox
@@ -98,6 +98,7 @@ async def _simulate_call(args: argparse.Namespace) -> int:
     print()
     print(f"  agent received {len(agent_call.audio_in)} bytes of caller audio, digits {agent_call.dtmf_in}")
     print(f"  caller heard {len(call.heard) / 8000:.2f} s; clears {call.clears}")
+    print(f"  DTMF the caller heard from the agent: {detect_dtmf(call.heard_pcm16()) or 'none'}")
     print(f"  marks echoed {len(call.marks_echoed)}")
     print(f"  Twilio REST hang-ups recorded: {len(hangups)}")
     print(f"  recording of what the caller heard: {out}")
