@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import hmac
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 import structlog
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -93,7 +94,7 @@ class Gateway:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         s = self.settings
         self.calls = TwilioCalls(s.twilio_account_sid, s.twilio_auth_token, s.twilio_api_base)
-        self.transfers = Transfers(self.calls, s, self.url, self._reconnect)
+        self.transfers = Transfers(self.calls, self.registry, s, self.url, self._reconnect)
         store = RedisOutboundStore(s.redis_url) if s.redis_url else MemoryOutboundStore()
         self.dialer = Dialer(
             store,
@@ -128,6 +129,8 @@ class Gateway:
         """Stop for a deploy: report not ready, give live calls `grace_s` to finish on their
         own, then end the rest the way `end_call` does (the agent's last words first)."""
         self.draining = True
+        if self.dialer is not None:
+            self.dialer.stop_claiming()
         if self.sessions:
             log.info("draining", calls=len(self.sessions), grace_s=grace_s)
         await self._wait_for_calls(grace_s)
@@ -171,9 +174,14 @@ class Gateway:
         if not call_sid:
             return PlainTextResponse("CallSid is required\n", status_code=400)
         bound = log.bind(call_sid=call_sid)
-        dialled = await self.registry.get(call_sid)  # an outbound call we started ourselves
-        if dialled is not None and dialled.state != State.DIALING:
-            dialled = None
+        dialled = None  # an outbound call we started ourselves, with its agent and metadata
+        if form.get("Direction", "").startswith("outbound"):
+            try:
+                dialled = await self.registry.get(call_sid)
+            except RegistryUnavailable:
+                bound.warning("outbound_metadata_unavailable")
+            if dialled is not None and dialled.state != State.DIALING:
+                dialled = None
         route = route_for(self.settings.agent_routes, form.get("To", ""))
         agent_id = (
             request.query_params.get("agent")
@@ -222,6 +230,7 @@ class Gateway:
         if record is None:
             return None
         record.metadata = {**record.metadata, "transfer_failed": why}
+        record.transfer = {}
         return await self._stream_twiml(record)
 
     async def dial_action(self, request: Request) -> Response:
@@ -232,6 +241,9 @@ class Gateway:
         call_sid, status = form.get("CallSid", ""), form.get("DialCallStatus", "")
         destination = request.query_params.get("to", "")
         taken = status not in NOT_TAKEN
+        if form.get("CallStatus") == "completed":  # the caller hung up while it rang
+            self.events.emit("transfer.failed", call_sid, destination=destination, status="caller-hung-up")
+            return Response(twilio.hangup_twiml(), media_type=TWIML)
         self.events.emit(
             "transfer.completed" if taken else "transfer.failed",
             call_sid,
@@ -246,16 +258,26 @@ class Gateway:
         form = await self._signed_form(request)
         if isinstance(form, Response):
             return form
+        assert self.transfers is not None
         caller = request.query_params.get("caller", "")
         destination = request.query_params.get("to", "")
         status = form.get("CallStatus", "")
-        if status in NOT_TAKEN and caller:
+        ended = status in NOT_TAKEN or status == "completed"
+        if caller and ended and await self.transfers.human_left(caller, status, destination):
             self.events.emit("transfer.failed", caller, destination=destination, status=status, mode="warm")
-            await self.transfers.return_caller(caller, status, destination)
-        elif status == "in-progress" and caller:
-            self.events.emit(
-                "transfer.completed", caller, destination=destination, status=status, mode="warm"
-            )
+        return Response(status_code=204)
+
+    async def conference_status(self, request: Request) -> Response:
+        """The warm-transfer conference: the human joining completes the transfer."""
+        form = await self._signed_form(request)
+        if isinstance(form, Response):
+            return form
+        assert self.transfers is not None
+        caller = request.query_params.get("caller", "")
+        joined = form.get("StatusCallbackEvent") == "participant-join"
+        if caller and joined and await self.transfers.human_joined(caller, form.get("CallSid", "")):
+            destination = request.query_params.get("to", "")
+            self.events.emit("transfer.completed", caller, destination=destination, mode="warm")
         return Response(status_code=204)
 
     async def status(self, request: Request) -> Response:
@@ -263,15 +285,22 @@ class Gateway:
         if isinstance(form, Response):
             return form
         call_sid, call_status = form.get("CallSid", ""), form.get("CallStatus", "")
-        if "slot" in request.query_params and self.dialer is not None:
-            await self.dialer.call_status(call_sid, call_status, dict(request.query_params))
-        if call_sid and call_status in FINAL_CALL_STATUSES:
-            log.info("call_status_final", call_sid=call_sid, status=call_status)
-            session = self.sessions.get(call_sid)
-            if session is not None:
-                session.carrier_ended(call_status)
-            else:
-                await self.registry.delete(call_sid)
+        assert self.transfers is not None and self.dialer is not None
+        try:
+            if call_sid and call_status in FINAL_CALL_STATUSES:
+                log.info("call_status_final", call_sid=call_sid, status=call_status)
+                session = self.sessions.get(call_sid)
+                if session is not None:
+                    session.carrier_ended(call_status)
+                else:
+                    await self.transfers.caller_left(call_sid)
+                    await self.registry.delete(call_sid)
+            if "slot" in request.query_params:
+                await self.dialer.call_status(call_sid, call_status, dict(request.query_params))
+        except (RegistryUnavailable, RedisError, OSError) as exc:
+            # Twilio does not retry status callbacks; say so loudly, and keep the call alive.
+            log.error("call_status_not_recorded", call_sid=call_sid, status=call_status, error=str(exc))
+            return Response(status_code=503)
         return Response(status_code=204)
 
     # Media
@@ -321,7 +350,8 @@ class Gateway:
             recorder=CallRecorder() if self.settings.recordings_dir else None,
             recordings_dir=self.settings.recordings_dir,
         )
-        if self.settings.record_calls:
+        if self.settings.record_calls and "transfer_failed" not in record.metadata:
+            # Once per call: Twilio's recording runs to the call's end, across agent sessions.
             self._spawn(self._start_twilio_recording(start.call_sid))
         self.sessions[start.call_sid] = session
         self.metrics.calls_active += 1
@@ -480,58 +510,100 @@ class Gateway:
         return None
 
     async def outbound_call(self, request: Request) -> Response:
+        return await self._outbound(request, MAX_API_BODY_BYTES, self._start_call)
+
+    async def outbound_batch(self, request: Request) -> Response:
+        return await self._outbound(request, MAX_BATCH_BODY_BYTES, self._start_batch)
+
+    async def _outbound(
+        self, request: Request, limit: int, start: Callable[[Any], Awaitable[tuple[int, dict[str, Any]]]]
+    ) -> Response:
+        """Auth, body, draining, store errors and Idempotency-Key, for POST /calls and /calls/batch.
+
+        With an Idempotency-Key, a client retrying after a timeout gets the first answer back
+        instead of ringing someone twice.
+        """
         assert self.dialer is not None
+        store = self.dialer.store
+        key = request.headers.get("idempotency-key", "")
         try:
             refused = self._api_key_ok(request)
             if refused:
                 raise refused
-            body = await _read_bounded(request, MAX_API_BODY_BYTES)
-            args = outbound.parse_call(
-                _json(body), default_from=self._default_from(), default_agent=self.settings.cartesia_agent_id
-            )
-            slot = "c" + secrets.token_hex(8)
-            if not await self.dialer.store.acquire_slot(slot, self.settings.max_concurrent_calls):
-                raise control.error(429, "too_many_calls", "MAX_CONCURRENT_CALLS outbound calls are live")
-            wait = await self.dialer.store.reserve_start(self.settings.calls_per_second)
-            if wait > MAX_START_WAIT_S:
-                await self.dialer.store.release_slot(slot)
-                raise control.error(429, "rate_limited", f"CALLS_PER_SECOND reached; retry in {wait:.0f} s")
-            await asyncio.sleep(wait)
+            if self.draining:
+                raise control.error(503, "draining", "this instance is shutting down; retry")
+            if len(key) > 128:
+                raise control.error(400, "bad_field", "Idempotency-Key is at most 128 characters")
+            payload = _json(await _read_bounded(request, limit))
+            if key:
+                earlier = await store.remember(f"{request.url.path}:{key}", "pending")
+                if earlier == "pending":
+                    raise control.error(
+                        409, "in_progress", "a request with this Idempotency-Key is under way"
+                    )
+                if earlier:
+                    status, body = orjson.loads(earlier)
+                    return JSONResponse(body, status_code=status)
             try:
-                call_sid = await self.dialer.dial(**args, slot=slot)
-            except TwilioRestError as exc:
-                raise control.error(502, "twilio_refused", str(exc)) from None
+                status, body = await start(payload)
+            except BaseException:
+                if key:
+                    await store.settle(f"{request.url.path}:{key}", "")
+                raise
+            if key:
+                await store.settle(f"{request.url.path}:{key}", orjson.dumps([status, body]).decode())
         except ActionRefused as exc:
             return _error_response(exc)
-        except RegistryUnavailable:
-            return _error_response(control.error(503, "registry_unavailable", "retry"))
-        return JSONResponse({"ok": True, "call_sid": call_sid}, status_code=201)
+        except (RegistryUnavailable, RedisError, OSError):
+            return _error_response(
+                control.error(503, "store_unavailable", "the shared store is unreachable; retry")
+            )
+        return JSONResponse(body, status_code=status)
+
+    async def _start_call(self, payload: Any) -> tuple[int, dict[str, Any]]:
+        assert self.dialer is not None
+        store = self.dialer.store
+        args = outbound.parse_call(
+            payload, default_from=self._default_from(), default_agent=self.settings.cartesia_agent_id
+        )
+        slot = "c" + secrets.token_hex(8)
+        if not await store.acquire_slot(slot, self.settings.max_concurrent_calls):
+            raise control.error(429, "too_many_calls", "MAX_CONCURRENT_CALLS outbound calls are live")
+        try:
+            wait = await store.reserve_start(self.settings.calls_per_second)
+            if wait > MAX_START_WAIT_S:
+                raise control.error(429, "rate_limited", f"CALLS_PER_SECOND reached; retry in {wait:.0f} s")
+            await asyncio.sleep(wait)
+        except BaseException:
+            await store.release_slot(slot)
+            raise
+        try:
+            call_sid = await self.dialer.dial(**args, slot=slot)  # frees the slot if it fails
+        except TwilioRestError as exc:
+            raise control.error(502, "twilio_refused", str(exc)) from None
+        return 201, {"ok": True, "call_sid": call_sid}
+
+    async def _start_batch(self, payload: Any) -> tuple[int, dict[str, Any]]:
+        assert self.dialer is not None
+        spec = outbound.parse_batch(
+            payload, default_from=self._default_from(), default_agent=self.settings.cartesia_agent_id
+        )
+        await self.dialer.store.create_batch(spec)
+        log.info("batch_created", batch_id=spec.batch_id, total=len(spec.recipients))
+        return 202, {"ok": True, "batch_id": spec.batch_id, "total": len(spec.recipients)}
 
     def _default_from(self) -> str:
         return self.settings.outbound_from or self.settings.transfer_caller_id
-
-    async def outbound_batch(self, request: Request) -> Response:
-        assert self.dialer is not None
-        try:
-            refused = self._api_key_ok(request)
-            if refused:
-                raise refused
-            body = await _read_bounded(request, MAX_BATCH_BODY_BYTES)
-            spec = outbound.parse_batch(
-                _json(body), default_from=self._default_from(), default_agent=self.settings.cartesia_agent_id
-            )
-            await self.dialer.store.create_batch(spec)
-        except ActionRefused as exc:
-            return _error_response(exc)
-        log.info("batch_created", batch_id=spec.batch_id, total=len(spec.recipients))
-        return JSONResponse({"ok": True, "batch_id": spec.batch_id, "total": len(spec.recipients)}, 202)
 
     async def batch_progress(self, request: Request) -> Response:
         assert self.dialer is not None
         refused = self._api_key_ok(request)
         if refused:
             return _error_response(refused)
-        found = await self.dialer.store.batch(request.path_params["batch_id"])
+        try:
+            found = await self.dialer.store.batch(request.path_params["batch_id"])
+        except (RedisError, OSError):
+            return _error_response(control.error(503, "store_unavailable", "the shared store is unreachable"))
         if found is None:
             return _error_response(control.error(404, "not_found", "no such batch"))
         return JSONResponse({"ok": True, **outbound.progress(*found)})
@@ -596,6 +668,7 @@ def create_app(settings: Settings | None = None, registry: SessionRegistry | Non
             Route("/twilio/status", gateway.status, methods=["POST"]),
             Route("/twilio/dial-action", gateway.dial_action, methods=["POST"]),
             Route("/twilio/warm-status", gateway.warm_status, methods=["POST"]),
+            Route("/twilio/conference", gateway.conference_status, methods=["POST"]),
             Route("/twilio/recording", gateway.recording_status, methods=["POST"]),
             WebSocketRoute("/twilio/media", gateway.media),
             Route("/control/{token}", gateway.control, methods=["GET", "POST"]),

@@ -27,6 +27,7 @@ import orjson
 import structlog
 from redis.asyncio import Redis
 
+from gateway.carriers.twilio_rest import TwilioRestError
 from gateway.control import error, is_e164, is_sip_uri, normalise_destination
 from gateway.registry.base import CallRecord, SessionRegistry, digest, new_secret
 
@@ -41,6 +42,19 @@ STALE_CLAIM_S = 15.0
 SLOT_TTL_S = 4 * 3600
 # Batches and their progress are kept this long after they finish, for GET /calls/batch/{id}.
 BATCH_TTL_S = 7 * 86400
+# Finished batches the embedded store keeps for GET /calls/batch/{id}, oldest forgotten first.
+MAX_FINISHED_BATCHES_IN_MEMORY = 100
+# A client's Idempotency-Key is honoured this long (a retry after a timeout comes within it).
+IDEMPOTENCY_TTL_S = 24 * 3600
+MAX_IDEMPOTENCY_KEYS = 100_000
+# An outbound call's record waits this long for its answer: ringing, machine detection
+# (DetectMessageEnd waits for the greeting to end) and Twilio's own queueing.
+DIALING_TTL_S = 600
+# A recipient Twilio turned away for being busy (20429, 429, 503) is tried again after this.
+BUSY_RETRY_S = 2.0
+# On shutdown, in-flight call creations get this long to finish (each is bounded by the REST
+# client's own timeout); they are never cancelled halfway, which could ring someone twice.
+CLOSE_WAIT_S = 15.0
 # Calls being created at once by one instance's batch worker.
 MAX_PARALLEL_CREATES = 8
 WORKER_IDLE_S = 0.2
@@ -132,6 +146,14 @@ class OutboundStore(abc.ABC):
     @abc.abstractmethod
     async def finish_batch(self, batch_id: str) -> None: ...
 
+    @abc.abstractmethod
+    async def remember(self, key: str, value: str) -> str | None:
+        """Store `value` under an Idempotency-Key unless one is there; the existing value if so."""
+
+    @abc.abstractmethod
+    async def settle(self, key: str, value: str) -> None:
+        """Replace a remembered placeholder with the final answer ("" forgets the key)."""
+
     async def close(self) -> None:
         return None
 
@@ -145,7 +167,8 @@ class MemoryOutboundStore(OutboundStore):
         self._batches: dict[str, BatchSpec] = {}
         self._states: dict[str, dict[int, dict[str, Any]]] = {}
         self._pending: dict[str, deque[int]] = {}
-        self._lock = asyncio.Lock()
+        self._finished: deque[str] = deque()
+        self._keys: dict[str, tuple[str, float]] = {}
 
     async def reserve_start(self, per_second: float) -> float:
         now = time.monotonic()
@@ -204,6 +227,25 @@ class MemoryOutboundStore(OutboundStore):
 
     async def finish_batch(self, batch_id: str) -> None:
         self._pending.pop(batch_id, None)
+        self._finished.append(batch_id)
+        while len(self._finished) > MAX_FINISHED_BATCHES_IN_MEMORY:
+            old = self._finished.popleft()
+            self._batches.pop(old, None)
+            self._states.pop(old, None)
+
+    async def remember(self, key: str, value: str) -> str | None:
+        now = time.monotonic()
+        for stale in [k for k, (_, at) in self._keys.items() if now - at > IDEMPOTENCY_TTL_S]:
+            del self._keys[stale]
+        if self._keys.get(key, ("", 0.0))[0]:
+            return self._keys[key][0]
+        if len(self._keys) >= MAX_IDEMPOTENCY_KEYS:
+            del self._keys[next(iter(self._keys))]
+        self._keys[key] = (value, now)
+        return None
+
+    async def settle(self, key: str, value: str) -> None:
+        self._keys[key] = (value, time.monotonic())
 
 
 _PACE = """
@@ -227,6 +269,19 @@ local index = redis.call('LPOP', KEYS[1])
 if not index then return nil end
 redis.call('HSET', KEYS[2], index, ARGV[1])
 return index
+"""
+_REQUEUE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current or cjson.decode(current)['status'] ~= 'claimed' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+_IDEMPOTENT = """
+local existing = redis.call('GET', KEYS[1])
+if existing and existing ~= '' then return existing end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return false
 """
 _UPDATE = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -254,6 +309,8 @@ class RedisOutboundStore(OutboundStore):
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._claim = self._redis.register_script(_CLAIM)
         self._update = self._redis.register_script(_UPDATE)
+        self._requeue = self._redis.register_script(_REQUEUE)
+        self._idempotent = self._redis.register_script(_IDEMPOTENT)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -310,11 +367,19 @@ class RedisOutboundStore(OutboundStore):
         return bool(await self._update(keys=keys, args=[index, orjson.dumps(state), *only_from]))
 
     async def requeue(self, batch_id: str, index: int) -> None:
-        if await self.update(batch_id, index, {"status": "pending"}, only_from=("claimed",)):
-            await self._redis.lpush(self._k("batch", batch_id, "pending"), index)
+        # One script: a crash between marking it pending and queueing it would lose it.
+        keys = [self._k("batch", batch_id, "state"), self._k("batch", batch_id, "pending")]
+        await self._requeue(keys=keys, args=[index, orjson.dumps({"status": "pending"})])
 
     async def finish_batch(self, batch_id: str) -> None:
         await self._redis.srem(self._k("batches"), batch_id)
+
+    async def remember(self, key: str, value: str) -> str | None:
+        result = await self._idempotent(keys=[self._k("idempotency", key)], args=[value, IDEMPOTENCY_TTL_S])
+        return None if result is None else (result.decode() if isinstance(result, bytes) else str(result))
+
+    async def settle(self, key: str, value: str) -> None:
+        await self._redis.set(self._k("idempotency", key), value, ex=IDEMPOTENCY_TTL_S)
 
 
 MACHINE_DETECTION = {"true": "Enable", "enable": "Enable", "detectmessageend": "DetectMessageEnd"}
@@ -434,11 +499,19 @@ class Dialer:
     async def start(self) -> None:
         self._worker = asyncio.create_task(self._run_batches(), name="batch-worker")
 
+    def stop_claiming(self) -> None:
+        """Draining: this instance takes no more recipients (others carry the batch on)."""
+        if self._worker is not None:
+            self._worker.cancel()
+
     async def close(self) -> None:
-        tasks = [t for t in (self._worker, *self._jobs) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self.stop_claiming()
+        if self._worker is not None:
+            await asyncio.gather(self._worker, return_exceptions=True)
+        if self._jobs:
+            # Not cancelled: a create cut off after Twilio accepted it would leave a claim
+            # that looks undialled, and the recipient would be rung again.
+            await asyncio.wait(set(self._jobs), timeout=CLOSE_WAIT_S)
         await self.store.close()
 
     async def dial(
@@ -485,7 +558,7 @@ class Dialer:
             metadata=metadata,
         )
         try:
-            await self._registry.put(record)
+            await self._registry.put(record, DIALING_TTL_S)
         except Exception as exc:
             log.warning("outbound_record_not_saved", call_sid=call_sid, error=str(exc))
         log.info("outbound_call_started", call_sid=call_sid, agent_id=agent)
@@ -537,13 +610,14 @@ class Dialer:
         slot = "b" + secrets.token_hex(8)  # URL-safe as is: it travels in a signed URL
         if not await self.store.acquire_slot(slot, self._cap):
             return False
-        wait = await self.store.reserve_start(self._rate)
-        if wait > 0:
-            await asyncio.sleep(wait)
         index = await self.store.claim(batch_id, self._registry.instance_id, slot)
         if index is None:
             await self.store.release_slot(slot)
             return False
+        # Paced only once there is someone to call: an idle batch must not use up the rate.
+        wait = await self.store.reserve_start(self._rate)
+        if wait > 0:
+            await asyncio.sleep(wait)
         found = await self.store.batch(batch_id)
         assert found is not None
         spec = found[0]
@@ -565,11 +639,16 @@ class Dialer:
                 slot=slot,
                 status_query={"batch": spec.batch_id, "r": str(index)},
             )
-        except Exception as exc:
-            log.warning("batch_call_failed", batch_id=spec.batch_id, index=index, error=str(exc))
-            await self.store.update(
-                spec.batch_id, index, {"status": "failed", "error": str(exc)}, only_from=("claimed",)
-            )
+        except TwilioRestError as exc:
+            if exc.nothing_created:  # Twilio was too busy: nobody was called, try again later
+                log.warning("batch_call_deferred", batch_id=spec.batch_id, index=index, error=str(exc))
+                await asyncio.sleep(BUSY_RETRY_S)
+                await self.store.requeue(spec.batch_id, index)
+            else:
+                log.warning("batch_call_failed", batch_id=spec.batch_id, index=index, error=str(exc))
+                await self.store.update(
+                    spec.batch_id, index, {"status": "failed", "error": str(exc)}, only_from=("claimed",)
+                )
         else:
             await self.store.update(
                 spec.batch_id, index, {"status": "dialled", "call_sid": call_sid}, only_from=("claimed",)

@@ -237,6 +237,10 @@ class Session:
         self._recorder = recorder
         self._recordings_dir = recordings_dir
         self._live_since: float | None = None
+        # Twilio's media timestamps count from each stream's start; after a handover the new
+        # stream's are shifted by when it began, so the recording stays in time.
+        self._stream_started = time.monotonic()
+        self._caller_offset_s = 0.0
         self._log = log.bind(call_sid=record.call_sid)
         self._carrier: CarrierLeg | None = None
         self._agent: AgentLeg | None = None
@@ -267,6 +271,8 @@ class Session:
         self._log.info("call_state", state=state, previous=self.state, **fields)
         self.state = self.record.state = state
         try:
+            if state in State.FINAL:
+                return  # written by _cleanup, and only if the entry is still this session's
             await self._registry.set_state(self.call_sid, state)
         except Exception as exc:  # a registry outage never stops a call
             self._log.warning("registry_state_not_saved", state=state, error=str(exc))
@@ -321,15 +327,17 @@ class Session:
         if self.state not in State.FINAL:
             await self._transition(final, outcome=self.outcome or "ended")
         try:
-            if self.state == State.TRANSFERRED:
-                # Kept a while: if nobody takes the transfer, the caller comes back to an agent
-                # with this call's metadata. Its token is dead already (final state: 404).
-                await self._registry.put(self.record, TRANSFERRED_TTL_S)
-            else:
-                # Only if the entry is still ours: a newer agent session for this call (after a
-                # transfer nobody took) has its own token, and must not be removed by us.
-                current = await self._registry.get(self.call_sid)
-                if current is None or current.token_hash == self.record.token_hash:
+            # Only if the entry is still this session's: after a transfer nobody took, a newer
+            # agent session for the same call has its own entry, which must not be touched.
+            current = await self._registry.get(self.call_sid)
+            if current is not None and current.session_hash == self.record.session_hash:
+                if self.state == State.TRANSFERRED:
+                    # Kept a while (with what the transfer wrote to it): if nobody takes the
+                    # transfer, the caller comes back to an agent with this call's metadata.
+                    # Its token is dead already (final state: 404).
+                    current.state = State.TRANSFERRED
+                    await self._registry.put(current, TRANSFERRED_TTL_S)
+                else:
                     await self._registry.delete(self.call_sid)
         except Exception as exc:
             self._log.warning("registry_cleanup_failed", error=str(exc))
@@ -346,13 +354,17 @@ class Session:
             mulaw = decode_payload(event.payload)
         except ProtocolError:
             return
-        at_s = None if event.timestamp_ms is None else event.timestamp_ms / 1000
+        at_s = None if event.timestamp_ms is None else event.timestamp_ms / 1000 + self._caller_offset_s
         self._recorder.caller(mulaw, at_s)  # type: ignore[union-attr]
 
     async def _save_recording(self) -> None:
         assert self._recorder is not None
         try:
             path = recording_path(self._recordings_dir, self.call_sid)
+            serial = 1
+            while path.exists():  # a later agent session of the same call (after a transfer)
+                serial += 1
+                path = path.with_name(f"{self.call_sid}-{serial}.wav")
             # pydub writes synchronously; a long call's WAV must not stall other calls.
             await asyncio.to_thread(self._recorder.write_wav, path)
         except Exception as exc:
@@ -369,6 +381,7 @@ class Session:
         """A second media socket for this call (network handover): the newest one wins."""
         old, self._carrier = self._carrier, carrier
         self.playback.void()
+        self._caller_offset_s = time.monotonic() - self._stream_started
         self._log.info("carrier_replaced")
         if old is not None:
             with contextlib.suppress(Exception):

@@ -14,7 +14,8 @@ import structlog
 
 from gateway.carriers import twilio
 from gateway.carriers.twilio_rest import TwilioCalls
-from gateway.session import TransferPlan
+from gateway.registry.base import SessionRegistry
+from gateway.session import TRANSFERRED_TTL_S, TransferPlan
 from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -35,14 +36,17 @@ class Transfers:
     def __init__(
         self,
         calls: TwilioCalls,
+        registry: SessionRegistry,
         settings: Settings,
         url: UrlBuilder,
         reconnect: Reconnect,
     ) -> None:
         self._calls = calls
+        self._registry = registry
         self._settings = settings
         self._url = url
         self._reconnect = reconnect
+        self._ttl_s = TRANSFERRED_TTL_S
 
     async def hangup(self, call_sid: str) -> bool:
         return await self._calls.hangup(call_sid)
@@ -72,35 +76,88 @@ class Transfers:
         await self._calls.redirect(call_sid, twiml)
 
     async def _warm(self, call_sid: str, plan: TransferPlan) -> None:
-        """Caller on hold in a conference; the human is dialled, hears the summary, then joins.
+        """The human is dialled first; only when Twilio has accepted that call is the caller put
+        on hold in the conference, so a refused dial leaves the caller with the agent.
 
         The whisper is the first verb of the human's own call, before it joins the conference,
-        so the caller never hears it.
+        so the caller never hears it. The human's joining (the conference's `join` callback) is
+        what completes the transfer; their leg ending before that returns the caller.
         """
         name = conference_name(call_sid)
+        query = urlencode({"caller": call_sid, "to": plan.target})
+        human = twilio.conference_twiml(
+            name,
+            starts_conference=True,
+            whisper=plan.summary or WARM_WHISPER_DEFAULT,
+            status_callback=self._url("/twilio/conference", query),
+        )
+        target = plan.target
+        extra: dict[str, str] = {}
+        if target.lower().startswith("sip"):
+            target = twilio.sip_uri_with_headers(target, plan.headers)
+            credentials = self._sip_credentials(plan.target)
+            if credentials:
+                extra = {"sip_auth_username": credentials[0], "sip_auth_password": credentials[1]}
+        human_sid = await self._calls.create_call(
+            to=target,
+            from_=plan.caller_id,
+            twiml=human,
+            timeout=self._settings.transfer_timeout_s,
+            status_callback=self._url("/twilio/warm-status", query),
+            status_callback_event=["answered", "completed"],
+            status_callback_method="POST",
+            **extra,
+        )
+        await self._note_transfer(
+            call_sid, {"target": plan.target, "human_call_sid": human_sid, "joined": False}
+        )
         hold = twilio.conference_twiml(
             name, starts_conference=False, wait_url=self._settings.transfer_hold_url
         )
-        await self._calls.redirect(call_sid, hold)
-        human = twilio.conference_twiml(
-            name, starts_conference=True, whisper=plan.summary or WARM_WHISPER_DEFAULT
-        )
-        status_url = self._url("/twilio/warm-status", urlencode({"caller": call_sid, "to": plan.target}))
         try:
-            human_sid = await self._calls.create_call(
-                to=plan.target,
-                from_=plan.caller_id,
-                twiml=human,
-                timeout=self._settings.transfer_timeout_s,
-                status_callback=status_url,
-                status_callback_event=["answered", "completed"],
-                status_callback_method="POST",
-            )
-        except Exception as exc:
-            log.error("warm_transfer_dial_failed", call_sid=call_sid, error=str(exc))
-            await self.return_caller(call_sid, "failed", plan.target)
-            return
+            await self._calls.redirect(call_sid, hold)
+        except Exception:
+            await self._hang_up_quietly(human_sid)
+            raise
         log.info("warm_transfer_dialling", call_sid=call_sid, human_call_sid=human_sid, target=plan.target)
+
+    async def _note_transfer(self, call_sid: str, transfer: dict[str, object]) -> None:
+        record = await self._registry.get(call_sid)
+        if record is not None:
+            record.transfer = dict(transfer)
+            await self._registry.put(record, self._ttl_s)
+
+    async def _hang_up_quietly(self, call_sid: str) -> None:
+        try:
+            await self._calls.hangup(call_sid)
+        except Exception as exc:
+            log.warning("hangup_failed", call_sid=call_sid, error=str(exc))
+
+    async def human_joined(self, caller_sid: str, participant_sid: str) -> bool:
+        """The conference says someone joined; True if it is the human (the transfer is done)."""
+        record = await self._registry.get(caller_sid)
+        if record is None or record.transfer.get("human_call_sid") != participant_sid:
+            return False
+        record.transfer["joined"] = True
+        await self._registry.put(record, self._ttl_s)
+        return True
+
+    async def human_left(self, caller_sid: str, status: str, destination: str) -> bool:
+        """The human's leg ended. If it never joined (busy, no answer, or hung up during the
+        whisper), take the caller off hold; True when that happened."""
+        record = await self._registry.get(caller_sid)
+        if record is None or record.transfer.get("joined"):
+            return False
+        await self.return_caller(caller_sid, status, destination)
+        return True
+
+    async def caller_left(self, caller_sid: str) -> None:
+        """The caller hung up: a human still ringing or hearing the whisper is hung up too."""
+        record = await self._registry.get(caller_sid)
+        human = record.transfer.get("human_call_sid") if record is not None else None
+        if human and not record.transfer.get("joined"):  # type: ignore[union-attr]
+            log.info("warm_transfer_abandoned", call_sid=caller_sid, human_call_sid=human)
+            await self._hang_up_quietly(human)
 
     async def after_dial(self, call_sid: str, status: str, destination: str) -> str:
         """TwiML for the caller once a blind transfer's `<Dial>` is over."""

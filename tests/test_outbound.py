@@ -167,11 +167,19 @@ async def test_a_restart_mid_batch_loses_and_duplicates_no_one(redis_server):
             a.kill()  # mid-batch, with calls in flight and claims outstanding
             done = await wait_for_batch(b.url, reply["batch_id"], 60)
             created = Counter(c.form["To"] for c in rest.created)
+            await asyncio.sleep(1.0)  # the last calls' final callbacks
+            import redis.asyncio as aioredis
+
+            client = aioredis.from_url(redis_server.url)
+            slots_left = await client.zcard("lgw:outbound:slots")
+            await client.aclose()
             status_hosts = {urlsplit(c.form["StatusCallback"]).netloc for c in rest.created}
     finally:
         await balancer.close()
     assert created == Counter(numbers(50)), {n: k for n, k in created.items() if k != 1}
     assert done["done"] == 50
+    assert rest.max_active <= 4  # the cap held across the restart
+    assert slots_left == 0  # and no slot leaked
     assert status_hosts == {urlsplit(balancer.url).netloc}
     assert all("slot" in parse_qs(urlsplit(c.form["StatusCallback"]).query) for c in rest.created)
 
@@ -197,3 +205,28 @@ async def test_line_gateway_call_starts_one_call_from_the_command_line(monkeypat
         assert capsys.readouterr().out.strip() == created.call_sid
         assert await asyncio.to_thread(main, ["call", "nonsense", "--gateway", box.url]) == 1
         assert "invalid_destination" in capsys.readouterr().err
+
+
+async def test_a_retried_request_with_the_same_idempotency_key_rings_no_one_twice():
+    async with sandbox(gateway_api_key=API_KEY, outbound_from="+15550000001") as box:
+        headers = {"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": "order-42-reminder"}
+        body = {"to": "+15557000001"}
+        async with aiohttp.ClientSession() as http:
+            replies = []
+            for _ in range(2):
+                async with http.post(box.url + "/calls", json=body, headers=headers) as resp:
+                    replies.append((resp.status, await resp.json()))
+            async with http.post(
+                box.url + "/calls", json=body, headers={**headers, "Idempotency-Key": "other"}
+            ) as r:
+                assert r.status == 201
+        assert replies[0] == replies[1] and replies[0][0] == 201
+        assert len(box.rest.created) == 2  # the retry was answered from memory; the other key dialled
+
+
+async def test_outbound_requests_are_refused_while_draining():
+    async with sandbox(gateway_api_key=API_KEY, outbound_from="+15550000001") as box:
+        box.app.state.gateway.draining = True
+        status, reply = await api("POST", box.url + "/calls", {"to": "+15557000001"})
+        assert (status, reply["error"]["code"]) == (503, "draining")
+        assert box.rest.created == []

@@ -205,44 +205,146 @@ async def warm_transfer(box):
     return call, agent_call, hold.form["Twiml"], human
 
 
+def path_of(box, url: str) -> str:
+    return url[len(box.url) :]
+
+
 async def test_warm_transfer_holds_the_caller_and_whispers_only_to_the_human():
-    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
-        call, _, hold, human = await warm_transfer(box)
-        room = f"warm-{call.call_sid}"
-        assert f'startConferenceOnEnter="false">{room}</Conference>' in hold
-        assert "<Say>" not in hold  # the caller never hears the whisper
-        assert human.form["To"] == "+15551234567"
-        assert human.form["From"] == call.to
-        assert human.form["Twiml"].index("<Say>Wants a refund</Say>") < human.form["Twiml"].index(
-            "<Conference"
-        )
-        assert f'startConferenceOnEnter="true">{room}</Conference>' in human.form["Twiml"]
-        assert box.rest.hangups() == []
-        # The human answers: the caller stays where they are, bridged in the conference.
-        status, _ = await call.post(
-            human.form["StatusCallback"][len(box.url) :],
-            {"CallSid": "CA" + "h" * 32, "CallStatus": "in-progress"},
-        )
-        assert status == 204
-        assert len(box.rest.redirects(call.call_sid)) == 1
-        assert len(box.agent.calls) == 1
+    async with event_receiver() as (events_url, received):
+        async with sandbox(
+            AgentBehaviour(greeting_s=0.2),
+            transfer_allow=ALLOW,
+            transfer_hold_url="https://cdn.example.com/hold.mp3",
+            call_events_url=events_url,
+            call_events_secret="whsec_2",
+        ) as box:
+            call, _, hold, human = await warm_transfer(box)
+            room = f"warm-{call.call_sid}"
+            assert re.search(
+                rf'<Conference [^>]*startConferenceOnEnter="false"[^>]*>{room}</Conference>', hold
+            )
+            assert 'waitMethod="GET"' in hold and 'waitUrl="https://cdn.example.com/hold.mp3"' in hold
+            assert "<Say>" not in hold  # the caller never hears the whisper
+            assert (human.form["To"], human.form["From"]) == ("+15551234567", call.to)
+            twiml = human.form["Twiml"]
+            assert twiml.index("<Say>Wants a refund</Say>") < twiml.index("<Conference")
+            assert re.search(
+                rf'<Conference [^>]*startConferenceOnEnter="true"[^>]*>{room}</Conference>', twiml
+            )
+            # The human answers, hears the whisper, joins: the caller is bridged where they are.
+            human_sid = human.call_sid
+            leg = path_of(box, human.form["StatusCallback"])
+            assert (await call.post(leg, {"CallSid": human_sid, "CallStatus": "in-progress"}))[0] == 204
+            conference = path_of(
+                box, re.search(r'statusCallback="([^"]+)"', twiml).group(1).replace("&amp;", "&")
+            )
+            join = {"CallSid": human_sid, "StatusCallbackEvent": "participant-join", "FriendlyName": room}
+            assert (await call.post(conference, join))[0] == 204
+            assert (await call.post(leg, {"CallSid": human_sid, "CallStatus": "completed"}))[0] == 204
+            assert len(box.rest.redirects(call.call_sid)) == 1  # nobody moved the caller again
+            assert len(box.agent.calls) == 1
+            assert box.rest.hangups() == []
+            await asyncio.sleep(0.3)
+        kinds = [e["type"] for e in events_of(received, "whsec_2")]
+    assert "transfer.completed" in kinds and "transfer.failed" not in kinds
+
+
+async def back_with_agent(box, call, outcome: str):
+    back = box.rest.redirects(call.call_sid)[-1].form["Twiml"]
+    assert call.follow(back)
+    await call.open_stream()
+    runner = asyncio.create_task(call.run(CallScript(hangup_at=0.8)))
+    second = await agent_for(box, call.call_sid, nth=1)
+    assert second.metadata["transfer_failed"] == {"status": outcome, "destination": "+15551234567"}
+    await runner
 
 
 @pytest.mark.parametrize("outcome", ["busy", "no-answer"])
 async def test_warm_transfer_not_taken_returns_the_caller_to_an_agent(outcome):
     async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
         call, _, _, human = await warm_transfer(box)
-        status, _ = await call.post(
-            human.form["StatusCallback"][len(box.url) :], {"CallSid": "CA" + "h" * 32, "CallStatus": outcome}
-        )
-        assert status == 204
-        back = box.rest.redirects(call.call_sid)[-1].form["Twiml"]
-        assert call.follow(back)
+        leg = path_of(box, human.form["StatusCallback"])
+        assert (await call.post(leg, {"CallSid": human.call_sid, "CallStatus": outcome}))[0] == 204
+        await back_with_agent(box, call, outcome)
+
+
+async def test_warm_transfer_the_human_hangs_up_during_the_whisper_returns_the_caller():
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        call, _, _, human = await warm_transfer(box)
+        leg = path_of(box, human.form["StatusCallback"])
+        for status in ("in-progress", "completed"):  # answered, never joined
+            assert (await call.post(leg, {"CallSid": human.call_sid, "CallStatus": status}))[0] == 204
+        await back_with_agent(box, call, "completed")
+
+
+async def test_warm_transfer_the_caller_hanging_up_on_hold_hangs_up_the_human():
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        call, _, _, human = await warm_transfer(box)
+        box.rest.calls[human.call_sid] = "in-progress"  # ringing or hearing the whisper
+        form = {"CallSid": call.call_sid, "CallStatus": "completed", "AccountSid": call.account_sid}
+        assert (await call.post("/twilio/status", form))[0] == 204
+        assert [r.call_sid for r in box.rest.hangups()] == [human.call_sid]
+
+
+async def test_warm_transfer_whose_dial_twilio_refuses_keeps_the_caller_with_the_agent():
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        box.rest.refuse_creates = True
+        call, agent_call, runner, url = await live_call(box)
+        body = {"action": "call_transfer", "to": "+15551234567", "mode": "warm"}
+        assert (await post_json(url, body))[0] == 200
+        await asyncio.sleep(0.5)
+        assert box.rest.redirects() == []  # never put on hold
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert (await resp.json())["state"] == "live"
+        assert not agent_call.closed.is_set()
+        await call.hang_up()
+        await runner
+
+
+async def test_a_dial_outcome_racing_the_old_sessions_cleanup_still_reconnects():
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        call, _agent_call, runner, url = await live_call(box)
+        outcome: dict[str, str] = {}
+        forward = box.rest.on_update
+
+        async def dial_fails_at_once(call_sid, form):
+            await forward(call_sid, form)
+            action = re.search(r'action="([^"]+)"', form["Twiml"]).group(1).replace("&amp;", "&")
+            outcome["twiml"] = (await call.post(path_of(box, action), dial_outcome(call, "busy")))[1]
+
+        box.rest.on_update = dial_fails_at_once
+        assert (await post_json(url, {"action": "call_transfer", "to": "+15551234567"}))[0] == 200
+        await asyncio.wait_for(runner, 10)
+        await asyncio.sleep(0.5)  # the old session's cleanup has run by now
+        assert call.follow(outcome["twiml"])
         await call.open_stream()
         runner = asyncio.create_task(call.run(CallScript(hangup_at=0.8)))
         second = await agent_for(box, call.call_sid, nth=1)
-        assert second.metadata["transfer_failed"] == {"status": outcome, "destination": "+15551234567"}
+        assert second.metadata["transfer_failed"]["status"] == "busy"
         await runner
+
+
+async def test_a_dial_outcome_after_the_caller_hung_up_brings_nobody_back():
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        call, _, action = await blind_transfer(box)
+        form = {**dial_outcome(call, "no-answer"), "CallStatus": "completed"}
+        status, twiml = await call.post(action, form)
+        assert status == 200 and "<Stream" not in twiml and "<Hangup />" in twiml
+
+
+async def test_a_new_call_is_answered_while_redis_is_down(redis_server):
+    from gateway.registry.redis import RedisRegistry
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        async with sandbox(AgentBehaviour(greeting_s=0.2), registry=RedisRegistry(server.url)) as box:
+            server.stop()
+            call = await box.connect_call()
+            await call.run(CallScript(hangup_at=0.8))
+            assert call.first_audio_at is not None
+    finally:
+        server.stop()
 
 
 # Routing, recordings, events

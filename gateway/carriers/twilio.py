@@ -180,6 +180,7 @@ def conference_twiml(
     starts_conference: bool,
     whisper: str = "",
     wait_url: str = "",
+    status_callback: str = "",
 ) -> str:
     """Join a conference. The caller waits on hold (it does not start the conference); the human
     hears the `whisper` first, on their own leg, and starts the conference when they join."""
@@ -194,6 +195,11 @@ def conference_twiml(
     }
     if wait_url:
         attrs["wait_url"] = wait_url
+        attrs["wait_method"] = "GET"  # hold music is usually a static file, which refuses POST
+    if status_callback:
+        attrs["status_callback"] = status_callback
+        attrs["status_callback_event"] = "join"
+        attrs["status_callback_method"] = "POST"
     dial.conference(name, **attrs)
     response.append(dial)
     return str(response)

@@ -24,7 +24,21 @@ REQUEST_TIMEOUT_S = 10.0
 
 
 class TwilioRestError(RuntimeError):
-    """Twilio refused a call-control request; the message carries Twilio's code."""
+    """Twilio refused a call-control request, or could not be reached (status 0)."""
+
+    def __init__(self, message: str, status: int = 0, code: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+    @property
+    def nothing_created(self) -> bool:
+        """Twilio certainly did nothing: it answered, and with too-busy (retry later)."""
+        return self.code == 20429 or self.status in (429, 503)
+
+
+def _refused(what: str, exc: TwilioRestException) -> TwilioRestError:
+    return TwilioRestError(f"{what} refused: HTTP {exc.status} code {exc.code}", exc.status, exc.code)
 
 
 class _RebasedHttpClient(AsyncTwilioHttpClient):
@@ -58,7 +72,7 @@ class TwilioCalls:
             if exc.code in CALL_GONE_CODES:
                 log.info("hangup_call_already_gone", call_sid=call_sid, twilio_code=exc.code)
                 return False
-            raise TwilioRestError(f"hang-up refused: HTTP {exc.status} code {exc.code}") from None
+            raise _refused("hang-up", exc) from None
         return True
 
     async def redirect(self, call_sid: str, twiml: str) -> None:
@@ -70,7 +84,7 @@ class TwilioCalls:
         try:
             await self._update(call_sid, retry_unanswered=False, twiml=twiml)
         except TwilioRestException as exc:
-            raise TwilioRestError(f"call update refused: HTTP {exc.status} code {exc.code}") from None
+            raise _refused("call update", exc) from None
 
     async def create_call(self, **fields: Any) -> str:
         """Start an outbound call (`to`, `from_`, `url` or `twiml`, `status_callback`, ...); its SID.
@@ -80,7 +94,7 @@ class TwilioCalls:
         try:
             call = await self._client.calls.create_async(**fields)
         except TwilioRestException as exc:
-            raise TwilioRestError(f"call refused: HTTP {exc.status} code {exc.code}") from None
+            raise _refused("call", exc) from None
         except (TimeoutError, OSError, aiohttp.ClientError) as exc:
             raise TwilioRestError(f"Twilio unreachable: {type(exc).__name__}") from None
         return str(call.sid)
@@ -91,10 +105,10 @@ class TwilioCalls:
             recording = await self._client.calls(call_sid).recordings.create_async(
                 recording_channels="dual",
                 recording_status_callback=status_callback,
-                recording_status_callback_event=["completed", "failed"],
+                recording_status_callback_event=["completed", "absent"],
             )
         except TwilioRestException as exc:
-            raise TwilioRestError(f"recording refused: HTTP {exc.status} code {exc.code}") from None
+            raise _refused("recording", exc) from None
         return str(recording.sid)
 
     async def _update(self, call_sid: str, *, retry_unanswered: bool = True, **fields: Any) -> None:

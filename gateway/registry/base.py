@@ -52,6 +52,8 @@ class CallRecord:
     started_at: float = field(default_factory=time.time)
     sip_headers: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # A warm transfer under way: {"target", "human_call_sid", "joined"}.
+    transfer: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         """What `GET /control/{token}` shows: nothing secret."""

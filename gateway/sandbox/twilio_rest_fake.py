@@ -31,6 +31,19 @@ UpdateHook = Callable[[str, dict[str, str]], Awaitable[None]]
 CreateHook = Callable[[str, dict[str, str]], Awaitable[None]]
 
 
+# Values Twilio's REST reference allows for the enumerated parameters the gateway sends.
+CREATE_VALUES = {
+    "StatusCallbackEvent": {"initiated", "ringing", "answered", "completed"},
+    "MachineDetection": {"Enable", "DetectMessageEnd"},
+    "StatusCallbackMethod": {"GET", "POST"},
+    "Method": {"GET", "POST"},
+}
+RECORDING_VALUES = {
+    "RecordingStatusCallbackEvent": {"in-progress", "completed", "absent"},
+    "RecordingChannels": {"mono", "dual"},
+}
+
+
 @dataclass
 class AutoProgress:
     """How the fake's outbound calls go: ring, then `outcome(to)`, then talk for `talk_s`."""
@@ -60,6 +73,7 @@ class TwilioRestFake:
         self.on_update: UpdateHook | None = None
         self.on_create: CreateHook | None = None
         self.refuse_redirects = False  # answer every TwiML update with a Twilio error
+        self.refuse_creates = False  # answer every new call with a Twilio error
         self.auto_progress: AutoProgress | None = None
         self.created: list[RestRequest] = []
         self.active = 0
@@ -87,7 +101,11 @@ class TwilioRestFake:
         ]
 
     def redirects(self, call_sid: str | None = None) -> list[RestRequest]:
-        return [r for r in self.requests if "Twiml" in r.form and call_sid in (None, r.call_sid)]
+        return [
+            r
+            for r in self.requests
+            if "Twiml" in r.form and not r.path.endswith("/Calls.json") and call_sid in (None, r.call_sid)
+        ]
 
     def _authorised(self, request: Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -106,8 +124,18 @@ class TwilioRestFake:
             status_code=status,
         )
 
+    @staticmethod
+    def _invalid(multi: list[tuple[str, object]], allowed: dict[str, set[str]]) -> str | None:
+        """The first parameter whose value Twilio's API would refuse, as Twilio's docs list them."""
+        for name, value in multi:
+            if name in allowed and value not in allowed[name]:
+                return f"{name}={value!r} is not one of {sorted(allowed[name])}"
+        return None
+
     async def _create(self, request: Request) -> Response:
-        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        raw = await request.form()
+        form = {k: v for k, v in raw.items() if isinstance(v, str)}
+        bad = self._invalid(raw.multi_items(), CREATE_VALUES)
         account = request.path_params["account"]
         authorised = self._authorised(request) and account == self.account_sid
         call_sid = "CA" + secrets.token_hex(16)
@@ -117,6 +145,10 @@ class TwilioRestFake:
             return self._error(401, 20003, "Authenticate")
         if not form.get("To") or not form.get("From") or not (form.get("Url") or form.get("Twiml")):
             return self._error(400, 21205, "To, From and Url or Twiml are required")
+        if bad:
+            return self._error(400, 21205, bad)
+        if self.refuse_creates:
+            return self._error(400, 21215, "Account not authorized to call this number")
         self.created.append(entry)
         self.calls[call_sid] = "queued"
         if self.on_create is not None:
@@ -165,7 +197,9 @@ class TwilioRestFake:
             return resp.status
 
     async def _record(self, request: Request) -> Response:
-        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        raw = await request.form()
+        form = {k: v for k, v in raw.items() if isinstance(v, str)}
+        bad = self._invalid(raw.multi_items(), RECORDING_VALUES)
         call_sid = request.path_params["call"]
         authorised = self._authorised(request)
         self.requests.append(
@@ -175,6 +209,8 @@ class TwilioRestFake:
             return self._error(401, 20003, "Authenticate")
         if call_sid not in self.calls:
             return self._error(404, 20404, "not found")
+        if bad:
+            return self._error(400, 21205, bad)
         return JSONResponse({"sid": "RE" + secrets.token_hex(16), "call_sid": call_sid}, status_code=201)
 
     async def _update(self, request: Request) -> Response:
