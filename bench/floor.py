@@ -1,0 +1,199 @@
+"""The floor: the cheapest relay between Twilio Media Streams and a Calls API agent.
+
+Same server stack as `line-gateway serve` (Starlette on uvicorn with uvloop and httptools,
+the gateway's own uvicorn settings: `ws_max_size` 64 KiB, no WebSocket pings) and the same
+agent client (websockets, compression off), but no features: no signature checks, no registry,
+no marks, no timeouts, no state machine. Per frame it parses the JSON, re-wraps the payload and
+sends it on. The benchmark runs it in the same harness as the gateway, so the gateway's cost
+reads as a ratio to this.
+
+    python -m bench.floor --port 8090 --agent-url ws://127.0.0.1:9000 --agent-id bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+from urllib.parse import parse_qsl
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from gateway.sandbox.servers import uvicorn_config
+
+TWIML = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="{url}">'
+    '<Parameter name="session" value="{session}"/></Stream></Connect><Hangup/></Response>'
+)
+
+
+def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str = "websockets") -> Starlette:
+    stream_url = public_url.replace("http", "ws", 1).rstrip("/") + "/twilio/media"
+    agent_stream = f"{agent_url.rstrip('/')}/agents/stream/{agent_id}"
+
+    async def voice(request: Request) -> Response:
+        form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
+        if not form.get("CallSid"):
+            return Response("CallSid is required\n", status_code=400)
+        twiml = TWIML.format(url=stream_url, session=secrets.token_urlsafe(16))
+        return Response(twiml, media_type="application/xml")
+
+    async def media(ws: WebSocket) -> None:
+        if agent_client == "aiohttp":
+            await media_aiohttp(ws)
+            return
+        await ws.accept()
+        start = None
+        while start is None:
+            frame = orjson.loads(await ws.receive_text())
+            if frame.get("event") == "start":
+                start = frame["start"]
+        stream_sid, call_sid = start["streamSid"], start["callSid"]
+        async with connect(agent_stream, compression=None, ping_interval=None, max_size=1 << 20) as agent:
+            await agent.send(
+                orjson.dumps(
+                    {
+                        "event": "start",
+                        "stream_id": call_sid,
+                        "config": {"input_format": "mulaw_8000"},
+                        "metadata": {"call_sid": call_sid},
+                    }
+                ).decode()
+            )
+            while orjson.loads(await agent.recv()).get("event") != "ack":
+                pass
+
+            async def uplink() -> None:
+                with contextlib.suppress(WebSocketDisconnect, ConnectionClosed):
+                    while True:
+                        frame = orjson.loads(await ws.receive_text())
+                        event = frame.get("event")
+                        if event == "media":
+                            payload = frame["media"]["payload"]
+                            await agent.send(
+                                f'{{"event":"media_input","stream_id":"{call_sid}","media":{{"payload":"{payload}"}}}}'
+                            )
+                        elif event == "stop":
+                            return
+
+            async def downlink() -> None:
+                with contextlib.suppress(WebSocketDisconnect, ConnectionClosed, RuntimeError):
+                    async for text in agent:
+                        frame = orjson.loads(text)
+                        if frame.get("event") == "media_output":
+                            payload = frame["media"]["payload"]
+                            await ws.send_text(
+                                f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"{payload}"}}}}'
+                            )
+
+            up, down = asyncio.create_task(uplink()), asyncio.create_task(downlink())
+            await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
+            up.cancel()
+            down.cancel()
+        with contextlib.suppress(Exception):
+            await ws.close()
+
+    async def media_aiohttp(ws: WebSocket) -> None:
+        """The same relay with aiohttp's C-accelerated WebSocket client on the agent side
+        (`--agent-client aiohttp`): measures what the agent client library costs."""
+        import aiohttp
+
+        await ws.accept()
+        start = None
+        while start is None:
+            frame = orjson.loads(await ws.receive_text())
+            if frame.get("event") == "start":
+                start = frame["start"]
+        stream_sid, call_sid = start["streamSid"], start["callSid"]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(agent_stream, compress=0, autoping=True, max_msg_size=1 << 20) as agent,
+        ):
+            await agent.send_str(
+                orjson.dumps(
+                    {
+                        "event": "start",
+                        "stream_id": call_sid,
+                        "config": {"input_format": "mulaw_8000"},
+                        "metadata": {"call_sid": call_sid},
+                    }
+                ).decode()
+            )
+            while orjson.loads(await agent.receive_str()).get("event") != "ack":
+                pass
+
+            async def uplink() -> None:
+                with contextlib.suppress(WebSocketDisconnect, ConnectionError):
+                    while True:
+                        frame = orjson.loads(await ws.receive_text())
+                        event = frame.get("event")
+                        if event == "media":
+                            payload = frame["media"]["payload"]
+                            await agent.send_str(
+                                f'{{"event":"media_input","stream_id":"{call_sid}","media":{{"payload":"{payload}"}}}}'
+                            )
+                        elif event == "stop":
+                            return
+
+            async def downlink() -> None:
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError, ConnectionError):
+                    async for msg in agent:
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            return
+                        frame = orjson.loads(msg.data)
+                        if frame.get("event") == "media_output":
+                            payload = frame["media"]["payload"]
+                            await ws.send_text(
+                                f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"{payload}"}}}}'
+                            )
+
+            up, down = asyncio.create_task(uplink()), asyncio.create_task(downlink())
+            await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
+            up.cancel()
+            down.cancel()
+        with contextlib.suppress(Exception):
+            await ws.close()
+
+    async def readyz(_request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    return Starlette(
+        routes=[
+            Route("/twilio/voice", voice, methods=["POST"]),
+            WebSocketRoute("/twilio/media", media),
+            Route("/readyz", readyz, methods=["GET"]),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench.floor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--agent-url", required=True, help="ws://host:port of the agent server")
+    parser.add_argument("--agent-id", default="bench")
+    # Variants, to measure levers that would move the floor itself (defaults: the gateway's stack)
+    parser.add_argument("--agent-client", default="websockets", choices=["websockets", "aiohttp"])
+    parser.add_argument(
+        "--ws", default="auto", help="uvicorn's WebSocket implementation (auto: websockets-sansio)"
+    )
+    args = parser.parse_args(argv)
+    app = create_app(f"http://{args.host}:{args.port}", args.agent_url, args.agent_id, args.agent_client)
+    # Exactly what `line-gateway serve` runs: the gateway's uvicorn settings, uvloop, httptools.
+    config = uvicorn_config(
+        app, args.host, args.port, loop="uvloop", http="httptools", ws=args.ws, log_level="warning"
+    )
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()
