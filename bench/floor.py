@@ -1,11 +1,11 @@
 """The floor: the cheapest relay between Twilio Media Streams and a Calls API agent.
 
 Same server stack as `line-gateway serve` (Starlette on uvicorn with uvloop and httptools,
-the gateway's own uvicorn settings: `ws_max_size` 64 KiB, no WebSocket pings) and the same
-agent client (websockets, compression off), but no features: no signature checks, no registry,
-no marks, no timeouts, no state machine. Per frame it parses the JSON, re-wraps the payload and
-sends it on. The benchmark runs it in the same harness as the gateway, so the gateway's cost
-reads as a ratio to this.
+the gateway's own uvicorn settings: `ws_max_size` 64 KiB, no WebSocket pings, and its garbage
+collector settings) and the same agent client (aiohttp, compression off), but no features:
+no signature checks, no registry, no marks, no timeouts, no state machine. Per frame it parses
+the JSON, re-wraps the payload and sends it on. The benchmark runs it in the same harness as the
+gateway, so the gateway's cost reads as a ratio to this.
 
     python -m bench.floor --port 8090 --agent-url ws://127.0.0.1:9000 --agent-id bench
 """
@@ -18,6 +18,7 @@ import contextlib
 import secrets
 from urllib.parse import parse_qsl
 
+import aiohttp
 import orjson
 import uvicorn
 from starlette.applications import Starlette
@@ -28,7 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.sandbox.servers import uvicorn_config
+from gateway.sandbox.servers import tune_gc, uvicorn_config
 
 TWIML = (
     '<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="{url}">'
@@ -36,7 +37,7 @@ TWIML = (
 )
 
 
-def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str = "websockets") -> Starlette:
+def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str = "aiohttp") -> Starlette:
     stream_url = public_url.replace("http", "ws", 1).rstrip("/") + "/twilio/media"
     agent_stream = f"{agent_url.rstrip('/')}/agents/stream/{agent_id}"
 
@@ -51,6 +52,11 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
         if agent_client == "aiohttp":
             await media_aiohttp(ws)
             return
+        await media_websockets(ws)
+
+    async def media_websockets(ws: WebSocket) -> None:
+        """The same relay with websockets' asyncio client on the agent side (`--agent-client
+        websockets`, the gateway's client before it moved to aiohttp)."""
         await ws.accept()
         start = None
         while start is None:
@@ -103,10 +109,7 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
             await ws.close()
 
     async def media_aiohttp(ws: WebSocket) -> None:
-        """The same relay with aiohttp's C-accelerated WebSocket client on the agent side
-        (`--agent-client aiohttp`): measures what the agent client library costs."""
-        import aiohttp
-
+        """The relay with aiohttp's WebSocket client on the agent side, as the gateway has."""
         await ws.accept()
         start = None
         while start is None:
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--agent-url", required=True, help="ws://host:port of the agent server")
     parser.add_argument("--agent-id", default="bench")
     # Variants, to measure levers that would move the floor itself (defaults: the gateway's stack)
-    parser.add_argument("--agent-client", default="websockets", choices=["websockets", "aiohttp"])
+    parser.add_argument("--agent-client", default="aiohttp", choices=["aiohttp", "websockets"])
     parser.add_argument(
         "--ws", default="auto", help="uvicorn's WebSocket implementation (auto: websockets-sansio)"
     )
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn_config(
         app, args.host, args.port, loop="uvloop", http="httptools", ws=args.ws, log_level="warning"
     )
+    tune_gc()  # as `line-gateway serve` does
     uvicorn.Server(config).run()
 
 

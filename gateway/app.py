@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
+import aiohttp
 import orjson
 import structlog
 from redis.exceptions import RedisError
@@ -72,6 +73,7 @@ class Gateway:
             settings.cartesia_url, settings.cartesia_api_key, settings.cartesia_version
         )
         self.calls: TwilioCalls | None = None
+        self.agent_http: aiohttp.ClientSession | None = None
         self.transfers: Transfers | None = None
         self.dialer: Dialer | None = None
         self.sessions: dict[str, Session] = {}
@@ -94,6 +96,9 @@ class Gateway:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         s = self.settings
         self.calls = TwilioCalls(s.twilio_account_sid, s.twilio_auth_token, s.twilio_api_base)
+        # One agent socket per live call, so the pool is not capped here (aiohttp's default of
+        # 100 connections would hold the 101st call's agent back); calls are what is bounded.
+        self.agent_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self.transfers = Transfers(self.calls, self.registry, s, self.url, self._reconnect)
         store = RedisOutboundStore(s.redis_url) if s.redis_url else MemoryOutboundStore()
         self.dialer = Dialer(
@@ -123,6 +128,7 @@ class Gateway:
             await self.events.close()
             await self.registry.close()
             await self.calls.close()
+            await self.agent_http.close()
             log.info("gateway_stopped")
 
     async def drain(self, grace_s: float) -> None:
@@ -408,8 +414,9 @@ class Gateway:
         }
         if record.sip_headers:
             metadata["sip_headers"] = record.sip_headers
+        assert self.agent_http is not None
         return await CartesiaAgent.open(
-            self.agent_config, record.agent_id, stream_id=record.call_sid, metadata=metadata
+            self.agent_http, self.agent_config, record.agent_id, stream_id=record.call_sid, metadata=metadata
         )
 
     # Control

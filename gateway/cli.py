@@ -15,7 +15,7 @@ import uvicorn
 
 from gateway import logging as gateway_logging
 from gateway.app import Gateway, create_app
-from gateway.sandbox.servers import uvicorn_config
+from gateway.sandbox.servers import tune_gc, uvicorn_config
 from gateway.settings import Settings, SettingsError
 
 
@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     grace = settings.shutdown_grace_s if args.grace is None else args.grace
     server = GracefulServer(uvicorn_config(app, args.host, port, **extra), app.state.gateway, grace)
+    tune_gc()
     server.run()
     return 0
 

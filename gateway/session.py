@@ -35,6 +35,7 @@ from gateway.events import (
     ProtocolError,
     StreamStopped,
 )
+from gateway.liveness import WATCH_EVERY_S, Liveness
 from gateway.recording import CallRecorder, recording_path
 from gateway.registry.base import LIVE_TTL_S, CallRecord, SessionRegistry
 
@@ -74,6 +75,10 @@ class State:
 class CarrierLeg(Protocol):
     """The caller's side of the bridge (Twilio Media Streams today)."""
 
+    liveness: Liveness
+    silent_after_s: float | None  # the peer is dead after this long without a frame (None: never)
+    stalled_after_s: float  # a send waiting this long means the peer has stopped reading
+
     def events(self) -> AsyncIterator[CarrierEvent | ProtocolError]: ...
     async def send_audio(self, payload_b64: str) -> None: ...
     async def send_mark(self, name: str) -> None: ...
@@ -85,11 +90,15 @@ class AgentLeg(Protocol):
     """The agent's side of the bridge (a Cartesia Line agent today)."""
 
     stream_id: str
+    liveness: Liveness
+    silent_after_s: float | None
+    stalled_after_s: float
 
     def events(self) -> AsyncIterator[AgentEvent | ProtocolError]: ...
     async def send_audio(self, payload_b64: str) -> None: ...
     async def send_dtmf(self, digit: str) -> None: ...
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
+    def abort(self) -> None: ...
 
     @property
     def close_code(self) -> int | None: ...
@@ -296,6 +305,7 @@ class Session:
                     tg.create_task(self._uplink(), name=f"uplink-{self.call_sid}"),
                     tg.create_task(self._connect_and_downlink(), name=f"downlink-{self.call_sid}"),
                     tg.create_task(self._serve_inbox(), name=f"inbox-{self.call_sid}"),
+                    tg.create_task(self._watch(), name=f"watch-{self.call_sid}"),
                 ]
                 await self._finished.wait()
                 for task in self._tasks:
@@ -390,42 +400,39 @@ class Session:
 
     # Uplink: caller -> agent
 
-    async def _carrier_events(self) -> AsyncIterator[CarrierEvent | ProtocolError]:
+    async def _uplink(self) -> None:
+        malformed = LogThrottle()
         while True:
             carrier = self._carrier
             assert carrier is not None
             async for event in carrier.events():
                 if carrier is not self._carrier:
                     break  # replaced mid-iteration: its last frames do not matter
-                yield event
+                match event:
+                    case CallerAudio():
+                        if self._recorder is not None:
+                            self._record_caller(event)
+                        if self._agent is not None:
+                            await self._agent.send_audio(event.payload)
+                        else:
+                            self._hold(event)
+                    case PlaybackMark(name):
+                        self.playback.echoed(name)
+                    case CallerDtmf(digit):
+                        self._log.info("caller_dtmf", digit=digit)
+                        self._emit("dtmf", self.call_sid, digits=digit, source="caller")
+                        if self._agent is not None:
+                            await self._agent.send_dtmf(digit)
+                        else:
+                            self._hold(event)
+                    case StreamStopped():
+                        break
+                    case ProtocolError():
+                        if malformed.allow():
+                            count = malformed.count
+                            self._log.warning("carrier_frame_dropped", error=str(event), count=count)
             if carrier is self._carrier:
-                return
-
-    async def _uplink(self) -> None:
-        malformed = LogThrottle()
-        async for event in self._carrier_events():
-            match event:
-                case CallerAudio():
-                    if self._recorder is not None:
-                        self._record_caller(event)
-                    if self._agent is not None:
-                        await self._agent.send_audio(event.payload)
-                    else:
-                        self._hold(event)
-                case PlaybackMark(name):
-                    self.playback.echoed(name)
-                case CallerDtmf(digit):
-                    self._log.info("caller_dtmf", digit=digit)
-                    self._emit("dtmf", self.call_sid, digits=digit, source="caller")
-                    if self._agent is not None:
-                        await self._agent.send_dtmf(digit)
-                    else:
-                        self._hold(event)
-                case StreamStopped():
-                    break
-                case ProtocolError():
-                    if malformed.allow():
-                        self._log.warning("carrier_frame_dropped", error=str(event), count=malformed.count)
+                break  # this stream ended (stop, or closed) and no newer one replaced it
         await self._caller_left()
 
     def _hold(self, event: CallerAudio | CallerDtmf) -> None:
@@ -433,7 +440,7 @@ class Session:
             self._pending_dropped += 1
         self._pending.append(event)
 
-    async def _caller_left(self) -> None:
+    async def _caller_left(self, cause: str = "caller_hung_up") -> None:
         self._carrier_gone = True
         if self._intent == State.TRANSFERRING or self.state in (State.TRANSFERRING, State.TRANSFERRED):
             # The stream's stop after a redirect, not a hang-up. The transfer task finishes
@@ -442,9 +449,33 @@ class Session:
         if self.state == State.ENDING:
             self._finish(self.outcome or "ended")
             return
-        self._log.info("caller_hung_up")
-        await self._transition(State.ENDING, cause="caller_hung_up")
-        self._finish("caller_hung_up")
+        self._log.info(cause)
+        await self._transition(State.ENDING, cause=cause)
+        self._finish(cause)
+
+    async def _watch(self) -> None:
+        """End the call when a leg is dead: a carrier silent for too long, or a send to either
+        side that has waited too long (the peer stopped reading). Reads the legs' Liveness."""
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            now = time.monotonic()
+            carrier = self._carrier
+            if carrier is not None and not self._carrier_gone:
+                lv = carrier.liveness
+                if carrier.silent_after_s is not None and lv.silent_s(now) > carrier.silent_after_s:
+                    self._log.warning("carrier_silent", silent_s=round(lv.silent_s(now), 1))
+                    await self._caller_left("carrier_silent")
+                elif lv.send_stalled_s(now) > carrier.stalled_after_s:
+                    self._log.warning("carrier_not_reading", waited_s=round(lv.send_stalled_s(now), 1))
+                    await self._caller_left("carrier_not_reading")
+            agent = self._agent_socket
+            if agent is not None and not self._agent_gone:
+                stalled = agent.liveness.send_stalled_s(now)
+                if stalled > agent.stalled_after_s:
+                    # Dropping the socket makes the downlink see the agent gone and hang up,
+                    # so the caller is not left in silence.
+                    self._log.warning("agent_not_reading", waited_s=round(stalled, 1))
+                    agent.abort()
 
     # Downlink: agent -> caller
 
@@ -519,8 +550,12 @@ class Session:
         await carrier.send_audio(payload_b64 if mulaw is audio else base64.b64encode(mulaw).decode())
         if self._recorder is not None:
             self._recorder.agent(mulaw)
-        self.playback.sent(mulaw_duration_s(len(mulaw)))
-        await self._mark(force=self.state in State.LEAVING)
+        playback = self.playback
+        playback.sent(mulaw_duration_s(len(mulaw)))
+        # inline rather than `_mark()`: this runs for every frame, and a mark is due twice a second
+        name = playback.next_mark(force=self.state in State.LEAVING)
+        if name is not None:
+            await carrier.send_mark(name)
 
     async def _play_tail(self) -> None:
         """The resampler holds a few ms of the agent's last words; play them too."""

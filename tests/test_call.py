@@ -318,7 +318,9 @@ async def test_an_oversized_unsigned_webhook_is_refused_without_buffering_it():
 
 
 async def test_a_silent_twilio_socket_ends_the_call(monkeypatch):
-    monkeypatch.setattr("gateway.carriers.twilio_media.IDLE_TIMEOUT_S", 0.5)
+    from gateway.carriers.twilio_media import TwilioMediaLeg
+
+    monkeypatch.setattr(TwilioMediaLeg, "silent_after_s", 0.5)
     async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
         call = await box.connect_call()  # `start`, then nothing: a half-open connection
         agent_call = await box.agent.wait_for_call()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import structlog
@@ -11,6 +12,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from gateway.carriers import twilio
 from gateway.events import CarrierEvent, ProtocolError, StreamStarted, StreamStopped
+from gateway.liveness import Liveness
 
 log = structlog.get_logger(__name__)
 
@@ -21,10 +23,13 @@ START_TIMEOUT_S = 10.0
 MAX_FRAMES_BEFORE_START = 8
 # Twilio sends a media frame every 20 ms for the whole call, silence included, so a socket
 # that has said nothing this long is dead (a half-open TCP connection), and the call is over.
+# The session's watchdog enforces it from `TwilioMediaLeg.liveness`.
 IDLE_TIMEOUT_S = 10.0
-# A send waits this long for room in the socket's buffer; past it the caller's side is
-# stalled for good, and the socket is closed rather than stall the agent's side too.
+# A send waits this long for room in the socket's buffer; past it the caller's side is stalled
+# for good, and the watchdog ends the call rather than stall the agent's side too.
 SEND_TIMEOUT_S = 5.0
+# Closing waits for room in the send buffer at most this long.
+CLOSE_TIMEOUT_S = 2.0
 
 
 async def _receive(ws: WebSocket) -> str | None:
@@ -61,25 +66,30 @@ async def wait_for_start(ws: WebSocket) -> StreamStarted | None:
 
 
 class TwilioMediaLeg:
+    silent_after_s = IDLE_TIMEOUT_S
+    stalled_after_s = SEND_TIMEOUT_S
+
     def __init__(self, ws: WebSocket, stream_sid: str) -> None:
         self._ws = ws
         self.stream_sid = stream_sid
+        self.liveness = Liveness()
 
     async def events(self) -> AsyncIterator[CarrierEvent | ProtocolError]:
         """Frames until `stop` (yielded) or the socket closes. Malformed ones as ProtocolError."""
+        receive, liveness = self._ws.receive, self.liveness
         while True:
             try:
-                async with asyncio.timeout(IDLE_TIMEOUT_S):
-                    text = await _receive(self._ws)
-                if text is None:
+                message = await receive()
+                liveness.received()
+                if message["type"] == "websocket.disconnect":
                     return
+                text = message.get("text")
+                if text is None:
+                    raise ProtocolError("binary frame on a Media Streams socket")
                 event = twilio.parse_frame(text)
             except ProtocolError as exc:
                 yield exc
                 continue
-            except TimeoutError:
-                log.warning("carrier_silent", stream_sid=self.stream_sid, idle_s=IDLE_TIMEOUT_S)
-                return
             except (WebSocketDisconnect, RuntimeError):
                 return  # closed underneath us (replaced or shutting down)
             if event is not None:
@@ -88,16 +98,16 @@ class TwilioMediaLeg:
                     return
 
     async def _send(self, text: str) -> None:
-        if self._ws.application_state is WebSocketState.CONNECTED:
-            # If the caller is gone, the uplink sees the close and ends the call.
-            try:
-                async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await self._ws.send_text(text)
-            except (WebSocketDisconnect, RuntimeError, OSError):
-                pass
-            except TimeoutError:
-                log.warning("carrier_not_reading", stream_sid=self.stream_sid)
-                await self.close(1011, "not reading")
+        # If the caller is gone, the uplink sees the close and ends the call; a send that
+        # waits for good is the watchdog's to notice (`liveness`).
+        liveness = self.liveness
+        liveness.send_waiting_since = time.monotonic()
+        try:
+            await self._ws.send_text(text)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+        finally:
+            liveness.send_waiting_since = 0.0
 
     async def send_audio(self, payload_b64: str) -> None:
         await self._send(twilio.media_frame(self.stream_sid, payload_b64))
@@ -111,5 +121,5 @@ class TwilioMediaLeg:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._ws.application_state is WebSocketState.CONNECTED:
             with contextlib.suppress(RuntimeError, OSError, TimeoutError):
-                async with asyncio.timeout(SEND_TIMEOUT_S):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await self._ws.close(code, reason)

@@ -25,6 +25,12 @@ from gateway.audio import OUTPUT_FORMATS, pcm16_to_ulaw, rms_dbfs, tone_pcm16, u
 
 log = structlog.get_logger(__name__)
 
+
+def _text(frame: dict[str, Any]) -> str:
+    """A Calls API frame: JSON in a text frame, as the real service sends it."""
+    return orjson.dumps(frame).decode()
+
+
 GREETING_HZ = 440.0  # the "voice" of the emulator: a tone the tests can find in a recording
 GOODBYE_HZ = 660.0
 CHUNK_MS = 40
@@ -126,12 +132,10 @@ class AgentEmulator:
                 await ws.wait_closed()
                 return
             await asyncio.sleep(self.behaviour.ack_delay_s)
-            await ws.send(
-                orjson.dumps({"event": "ack", "stream_id": stream_id, "config": first.get("config", {})})
-            )
+            await ws.send(_text({"event": "ack", "stream_id": stream_id, "config": first.get("config", {})}))
             if self.behaviour.send_custom:
                 await ws.send(
-                    orjson.dumps({"event": "custom", "stream_id": stream_id, "metadata": {"greeting": True}})
+                    _text({"event": "custom", "stream_id": stream_id, "metadata": {"greeting": True}})
                 )
             talk.say(GREETING_HZ, self.behaviour.greeting_s, continuous=self.behaviour.continuous)
             await self._listen(ws, call, talk)
@@ -164,7 +168,7 @@ class AgentEmulator:
         b = self.behaviour
         if digit in b.dtmf_replies:
             await ws.send(
-                orjson.dumps({"event": "dtmf", "stream_id": talk.stream_id, "dtmf": b.dtmf_replies[digit]})
+                _text({"event": "dtmf", "stream_id": talk.stream_id, "dtmf": b.dtmf_replies[digit]})
             )
         if digit == b.end_digit:
             await talk.interrupt(send_clear=False)
@@ -172,7 +176,7 @@ class AgentEmulator:
             await ws.close(1000, "call ended by agent")
         elif digit == b.transfer_digit:
             await ws.send(
-                orjson.dumps(
+                _text(
                     {
                         "event": "transfer_call",
                         "stream_id": talk.stream_id,
@@ -241,7 +245,7 @@ class _Talker:
     async def interrupt(self, *, send_clear: bool = True) -> None:
         await self.stop()
         if send_clear:
-            await self._ws.send(orjson.dumps({"event": "clear", "stream_id": self.stream_id}))
+            await self._ws.send(_text({"event": "clear", "stream_id": self.stream_id}))
 
     async def stop(self) -> None:
         self._until = 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# The cyclic garbage collector's generation-0 threshold. A call allocates a few tracked objects
+# per frame (futures, dicts, frames) at 200 frames a second, so CPython's default of 700 runs a
+# young collection several hundred times a second at 100 calls; 20,000 runs it ~25 times as
+# rarely for at most a few MiB more of young objects. Nothing per frame makes cycles.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """For a long-running server: move what start-up built (modules, settings, the app) out of
+    the collector's sight, so the rare full collection walks live calls only (a full walk of
+    everything loaded took milliseconds, which showed up as latency), and collect young
+    objects in larger batches. Call once, after start-up's imports."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def uvicorn_config(app: Any, host: str, port: int, **overrides: Any) -> uvicorn.Config:

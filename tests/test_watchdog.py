@@ -1,0 +1,151 @@
+"""The session's watchdog: a leg whose peer stopped reading ends the call within its bound.
+
+A peer that stops reading only blocks a send once megabytes of loopback buffers have filled,
+which takes minutes at 8 KB/s of audio, so these tests drive `Session` through leg doubles that
+implement its `CarrierLeg` / `AgentLeg` interfaces and whose sends never complete. The silent
+carrier is tested over real sockets in test_call.py.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.events import AgentAudio, CallerAudio
+from gateway.liveness import Liveness
+from gateway.registry.base import CallRecord
+from gateway.registry.memory import MemoryRegistry
+from gateway.session import Session, State
+
+SILENCE_B64 = "/" * 216  # 160 bytes of mu-law silence (0xFF), base64
+
+
+class Leg:
+    """Frames at 20 ms from its peer; its sends hang for good when `stuck`."""
+
+    silent_after_s: float | None = 10.0
+    stalled_after_s = 0.3
+
+    def __init__(self, frame: object, *, stuck: bool) -> None:
+        self.liveness = Liveness()
+        self.stream_id = "stream"
+        self.sent = 0
+        self.aborted = False
+        self.closed_with: int | None = None
+        self._frame, self._stuck = frame, stuck
+        self._gone = asyncio.Event()
+
+    async def events(self) -> AsyncIterator[object]:
+        while not self._gone.is_set():
+            await asyncio.sleep(0.02)
+            self.liveness.received()
+            yield self._frame
+
+    async def _send(self) -> None:
+        self.liveness.send_waiting_since = time.monotonic()
+        try:
+            if self._stuck:
+                await asyncio.Event().wait()
+            self.sent += 1
+        finally:
+            self.liveness.send_waiting_since = 0.0
+
+    async def send_audio(self, payload_b64: str) -> None:
+        await self._send()
+
+    async def send_mark(self, name: str) -> None:
+        await self._send()
+
+    async def send_clear(self) -> None:
+        await self._send()
+
+    async def send_dtmf(self, digit: str) -> None:
+        await self._send()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed_with = code
+        self._gone.set()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._gone.set()
+
+    @property
+    def close_code(self) -> int | None:
+        return 1006 if self.aborted else self.closed_with
+
+    @property
+    def close_reason(self) -> str | None:
+        return ""
+
+
+class Control:
+    def __init__(self) -> None:
+        self.hangups: list[str] = []
+
+    async def hangup(self, call_sid: str) -> bool:
+        self.hangups.append(call_sid)
+        return True
+
+    async def transfer(self, call_sid: str, plan: object) -> None:
+        raise AssertionError("no transfer in these tests")
+
+
+@pytest.fixture(autouse=True)
+def fast_watch(monkeypatch):
+    monkeypatch.setattr("gateway.session.WATCH_EVERY_S", 0.05)
+
+
+async def run_call(carrier: Leg, agent: Leg) -> tuple[Session, Control, MemoryRegistry]:
+    registry, control = MemoryRegistry(), Control()
+    record = CallRecord("CA1", registry.instance_id, State.RINGING, "+1555", "+1666", "agent", "inbound", "h")
+    await registry.put(record)
+
+    async def open_agent(_record: CallRecord) -> Leg:
+        return agent
+
+    session = Session(
+        record,
+        registry=registry,
+        control=control,
+        open_agent=open_agent,  # type: ignore[arg-type]
+        plan_transfer=lambda _r, _f: None,  # type: ignore[arg-type,return-value]
+        output_format="mulaw_8000",
+        end_call_drain_s=0.2,
+    )
+    await asyncio.wait_for(session.run(carrier), 5)  # type: ignore[arg-type]
+    return session, control, registry
+
+
+async def test_a_carrier_that_stops_reading_ends_the_call():
+    carrier = Leg(CallerAudio(SILENCE_B64), stuck=True)
+    agent = Leg(AgentAudio(SILENCE_B64), stuck=False)
+    started = time.monotonic()
+    session, _control, registry = await run_call(carrier, agent)
+    assert session.outcome == "carrier_not_reading"
+    assert 0.3 <= time.monotonic() - started < 2
+    assert agent.closed_with == 1000  # the agent is told the call ended
+    assert await registry.get("CA1") is None
+
+
+async def test_an_agent_that_stops_reading_is_dropped_and_the_call_hung_up():
+    carrier = Leg(CallerAudio(SILENCE_B64), stuck=False)
+    agent = Leg(AgentAudio(SILENCE_B64), stuck=True)
+    session, control, _registry = await run_call(carrier, agent)
+    assert agent.aborted
+    assert session.outcome == "agent_disconnected"
+    assert control.hangups == ["CA1"]  # the caller is not left in silence
+
+
+async def test_legs_that_keep_up_are_left_alone():
+    carrier = Leg(CallerAudio(SILENCE_B64), stuck=False)
+    agent = Leg(AgentAudio(SILENCE_B64), stuck=False)
+    task = asyncio.create_task(run_call(carrier, agent))
+    await asyncio.sleep(1.0)  # many watchdog rounds, each past the stall bound of a slow send
+    assert not task.done()
+    assert carrier.sent > 20 and agent.sent > 20
+    await carrier.close()
+    session, control, _registry = await task
+    assert session.outcome == "caller_hung_up"
+    assert control.hangups == []
