@@ -322,16 +322,18 @@ class Gateway:
         if start is None:
             await ws.close(1008, "no start")
             return
-        bound = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
+        # Every line logged for this socket from here on, in any module and in the call's
+        # tasks (they copy this context), carries the call's SID.
+        structlog.contextvars.bind_contextvars(call_sid=start.call_sid, stream_sid=start.stream_sid)
         try:
             record = await self.registry.get(start.call_sid)
         except RegistryUnavailable:
-            bound.error("media_refused_registry_unavailable")
+            log.error("media_refused_registry_unavailable")
             await ws.close(1011, "registry unavailable")
             return
         session_ref = start.parameters.get("session", "")
         if record is None or not record.session_hash or digest(session_ref) != record.session_hash:
-            bound.warning("media_session_rejected", known_call=record is not None)
+            log.warning("media_session_rejected", known_call=record is not None)
             await ws.close(1008, "unknown session")
             return
         leg = TwilioMediaLeg(ws, start.stream_sid)

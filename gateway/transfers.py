@@ -85,11 +85,14 @@ class Transfers:
         """
         name = conference_name(call_sid)
         query = urlencode({"caller": call_sid, "to": plan.target})
+        # On both participants: Twilio may keep the conference's callback from whichever joins
+        # first (the caller), and `human_joined` tells the two apart by CallSid.
+        conference_events = self._url("/twilio/conference", query)
         human = twilio.conference_twiml(
             name,
             starts_conference=True,
             whisper=plan.summary or WARM_WHISPER_DEFAULT,
-            status_callback=self._url("/twilio/conference", query),
+            status_callback=conference_events,
         )
         target = plan.target
         extra: dict[str, str] = {}
@@ -112,7 +115,10 @@ class Transfers:
             call_sid, {"target": plan.target, "human_call_sid": human_sid, "joined": False}
         )
         hold = twilio.conference_twiml(
-            name, starts_conference=False, wait_url=self._settings.transfer_hold_url
+            name,
+            starts_conference=False,
+            wait_url=self._settings.transfer_hold_url,
+            status_callback=conference_events,
         )
         try:
             await self._calls.redirect(call_sid, hold)
