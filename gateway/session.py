@@ -98,7 +98,7 @@ class AgentLeg(Protocol):
     async def send_audio(self, payload_b64: str) -> None: ...
     async def send_dtmf(self, digit: str) -> None: ...
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
-    def abort(self) -> None: ...
+    async def keepalive(self, now: float) -> bool: ...  # False: the peer stopped answering pings
 
     @property
     def close_code(self) -> int | None: ...
@@ -469,13 +469,15 @@ class Session:
                     self._log.warning("carrier_not_reading", waited_s=round(lv.send_stalled_s(now), 1))
                     await self._caller_left("carrier_not_reading")
             agent = self._agent_socket
-            if agent is not None and not self._agent_gone:
-                stalled = agent.liveness.send_stalled_s(now)
-                if stalled > agent.stalled_after_s:
-                    # Dropping the socket makes the downlink see the agent gone and hang up,
-                    # so the caller is not left in silence.
-                    self._log.warning("agent_not_reading", waited_s=round(stalled, 1))
-                    agent.abort()
+            if agent is None or self._agent_gone or self._intent or self.state in State.LEAVING:
+                continue  # nothing to watch, or an end or transfer is under way (bounded)
+            stalled = agent.liveness.send_stalled_s(now)
+            if stalled > agent.stalled_after_s:
+                self._log.warning("agent_not_reading", waited_s=round(stalled, 1))
+                await self._hang_up("agent_not_reading")  # the caller is not left in silence
+            elif not await agent.keepalive(now):
+                self._log.warning("agent_unresponsive", reason="no pong")
+                await self._hang_up("agent_unresponsive")
 
     # Downlink: agent -> caller
 

@@ -1,4 +1,5 @@
-"""The session's watchdog: a leg whose peer stopped reading ends the call within its bound.
+"""The session's watchdog: a leg whose peer stopped reading, or an agent that stopped
+answering pings, ends the call within its bound; pings keep a silent agent socket alive.
 
 A peer that stops reading only blocks a send once megabytes of loopback buffers have filled,
 which takes minutes at 8 KB/s of audio, so these tests drive `Session` through leg doubles that
@@ -7,15 +8,23 @@ carrier is tested over real sockets in test_call.py.
 """
 
 import asyncio
+import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
+import orjson
 import pytest
+from aiohttp import web
 
 from gateway.events import AgentAudio, CallerAudio
 from gateway.liveness import Liveness
 from gateway.registry.base import CallRecord
 from gateway.registry.memory import MemoryRegistry
+from gateway.sandbox.caller import CallScript
+from gateway.sandbox.harness import sandbox
+from gateway.sandbox.servers import free_port
 from gateway.session import Session, State
 
 SILENCE_B64 = "/" * 216  # 160 bytes of mu-law silence (0xFF), base64
@@ -31,7 +40,7 @@ class Leg:
         self.liveness = Liveness()
         self.stream_id = "stream"
         self.sent = 0
-        self.aborted = False
+        self.keepalives = 0
         self.closed_with: int | None = None
         self._frame, self._stuck = frame, stuck
         self._gone = asyncio.Event()
@@ -67,13 +76,13 @@ class Leg:
         self.closed_with = code
         self._gone.set()
 
-    def abort(self) -> None:
-        self.aborted = True
-        self._gone.set()
+    async def keepalive(self, now: float) -> bool:
+        self.keepalives += 1
+        return True
 
     @property
     def close_code(self) -> int | None:
-        return 1006 if self.aborted else self.closed_with
+        return self.closed_with
 
     @property
     def close_reason(self) -> str | None:
@@ -129,13 +138,13 @@ async def test_a_carrier_that_stops_reading_ends_the_call():
     assert await registry.get("CA1") is None
 
 
-async def test_an_agent_that_stops_reading_is_dropped_and_the_call_hung_up():
+async def test_an_agent_that_stops_reading_ends_the_call_with_a_hang_up():
     carrier = Leg(CallerAudio(SILENCE_B64), stuck=False)
     agent = Leg(AgentAudio(SILENCE_B64), stuck=True)
     session, control, _registry = await run_call(carrier, agent)
-    assert agent.aborted
-    assert session.outcome == "agent_disconnected"
+    assert session.outcome == "agent_not_reading"
     assert control.hangups == ["CA1"]  # the caller is not left in silence
+    assert agent.closed_with == 1000 and carrier.closed_with == 1000
 
 
 async def test_legs_that_keep_up_are_left_alone():
@@ -145,7 +154,68 @@ async def test_legs_that_keep_up_are_left_alone():
     await asyncio.sleep(1.0)  # many watchdog rounds, each past the stall bound of a slow send
     assert not task.done()
     assert carrier.sent > 20 and agent.sent > 20
+    assert agent.keepalives >= 10  # the agent is asked to ping on every round
     await carrier.close()
     session, control, _registry = await task
     assert session.outcome == "caller_hung_up"
     assert control.hangups == []
+
+
+# Keepalive over real sockets: an agent written with aiohttp.web, speaking the Calls API's
+# start/ack (PROTOCOLS.md section 5), that answers pings or not.
+
+
+@contextlib.asynccontextmanager
+async def ping_agent(*, answers_pings: bool) -> AsyncIterator[tuple[str, list[float]]]:
+    pings: list[float] = []
+
+    async def stream(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        start = orjson.loads((await ws.receive()).data)
+        await ws.send_str(orjson.dumps({"event": "ack", "stream_id": start["stream_id"]}).decode())
+        async for msg in ws:  # silent: it never speaks, so only pings keep the socket busy
+            if msg.type is aiohttp.WSMsgType.PING:
+                pings.append(time.monotonic())
+                if answers_pings:
+                    await ws.pong(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/agents/stream/{agent_id}", stream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"ws://127.0.0.1:{port}", pings
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def fast_pings(monkeypatch):
+    monkeypatch.setattr("gateway.agents.cartesia.PING_INTERVAL_S", 0.2)
+    monkeypatch.setattr("gateway.agents.cartesia.PING_TIMEOUT_S", 0.5)
+
+
+async def test_the_gateway_pings_a_silent_agent_that_answers_and_the_call_goes_on(fast_pings):
+    async with ping_agent(answers_pings=True) as (url, pings), sandbox(cartesia_url=url) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(hangup_at=1.5))
+        assert len(pings) >= 5  # every watchdog round (0.05 s here) past the 0.2 s interval
+        assert min(b - a for a, b in itertools.pairwise(pings)) >= 0.19
+        assert box.rest.hangups() == []  # the caller hung up; the gateway did not
+
+
+async def test_an_agent_that_stops_answering_pings_ends_the_call(fast_pings):
+    async with ping_agent(answers_pings=False) as (url, pings), sandbox(cartesia_url=url) as box:
+        call = await box.connect_call()
+        runner = asyncio.create_task(call.run(CallScript(hangup_at=10)))
+        async with asyncio.timeout(5):
+            while not box.rest.hangups(call.call_sid):  # noqa: ASYNC110 (the REST fake records it)
+                await asyncio.sleep(0.05)
+        assert len(pings) == 1  # no second ping while the first is unanswered
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner

@@ -37,10 +37,15 @@ log = structlog.get_logger(__name__)
 # Unread frames are bounded by aiohttp itself: past 64 KiB queued it stops reading the socket,
 # so a stalled bridge pushes back on the agent instead of growing memory.
 MAX_FRAME_BYTES = 1024 * 1024
-# The server closes after 180 s without a client message; a ping after 60 s without a frame
-# keeps a silent call alive with room to spare, and aiohttp drops a peer that does not answer
-# it within half of that (30 s).
+# The server closes after 180 s without a client message; a ping every 60 s keeps a silent
+# call alive with room to spare, and a peer that has not answered one in 30 s is gone. The
+# session's watchdog sends them (`keepalive`): aiohttp's own `heartbeat` re-arms a timer for
+# every frame received, a callback per 20 ms of audio.
 PING_INTERVAL_S = 60.0
+PING_TIMEOUT_S = 30.0
+# A ping is one small frame; if it cannot be written at once the send path is stalled, which
+# the watchdog reports on its own.
+PING_WRITE_TIMEOUT_S = 1.0
 # Bounds on bringing the agent up: TCP + TLS + upgrade, then the `ack` to our `start`.
 OPEN_TIMEOUT_S = 10.0
 ACK_TIMEOUT_S = 10.0
@@ -195,6 +200,7 @@ class CartesiaAgent:
         self.stream_id = stream_id
         self.liveness = Liveness()
         self._close_reason: str | None = None
+        self._pinged_at = self._pong_at = time.monotonic()
 
     @classmethod
     async def open(
@@ -215,7 +221,7 @@ class CartesiaAgent:
                 ws = await http.ws_connect(
                     url,
                     headers=headers,
-                    heartbeat=PING_INTERVAL_S,  # a pong is awaited for half of it: PING_TIMEOUT_S
+                    autoping=False,  # pings and pongs are ours: see PING_INTERVAL_S
                     max_msg_size=MAX_FRAME_BYTES,
                     compress=0,  # base64 audio does not compress; save the CPU
                     timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
@@ -257,12 +263,13 @@ class CartesiaAgent:
 
     async def _receive_text(self) -> str | bytes:
         """The next frame's JSON; AgentClosed when the socket has closed."""
-        msg = await self._ws.receive()
-        if msg.type in DATA_FRAMES:
-            self.liveness.received()
-            return msg.data
-        self._closed(msg)
-        raise AgentClosed
+        while True:
+            msg = await self._ws.receive()
+            if msg.type in DATA_FRAMES:
+                self.liveness.received()
+                return msg.data
+            if not await self._control_frame(msg):
+                raise AgentClosed
 
     async def events(self) -> AsyncIterator[AgentEvent | ProtocolError]:
         """Frames from the agent until it closes. Malformed frames come as ProtocolError values."""
@@ -276,16 +283,35 @@ class CartesiaAgent:
                     yield parse_frame(msg.data)
                 except ProtocolError as exc:
                     yield exc
-            else:
-                self._closed(msg)
+            elif not await self._control_frame(msg):
                 return
 
-    def _closed(self, msg: aiohttp.WSMessage) -> None:
-        """Keep why the socket closed; aiohttp has already answered the agent's close frame."""
+    async def _control_frame(self, msg: aiohttp.WSMessage) -> bool:
+        """Answer a ping, note a pong; False when the socket has closed (and keep why: aiohttp
+        has already answered the agent's close frame)."""
+        if msg.type is aiohttp.WSMsgType.PING:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._ws.pong(msg.data)
+            return True
+        if msg.type is aiohttp.WSMsgType.PONG:
+            self._pong_at = time.monotonic()
+            return True
         if msg.type is aiohttp.WSMsgType.CLOSE:
             self._close_reason = msg.extra or ""
         elif msg.type is aiohttp.WSMsgType.ERROR:
             log.warning("agent_socket_error", error=str(msg.data))
+        return False
+
+    async def keepalive(self, now: float) -> bool:
+        """Ping when one is due; False when the last one has gone unanswered too long."""
+        if self._pong_at < self._pinged_at:  # a ping is out
+            return now - self._pinged_at <= PING_TIMEOUT_S
+        if now - self._pinged_at >= PING_INTERVAL_S:
+            self._pinged_at = now
+            with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+                async with asyncio.timeout(PING_WRITE_TIMEOUT_S):
+                    await self._ws.ping()
+        return True
 
     @property
     def close_code(self) -> int | None:
