@@ -429,7 +429,7 @@ class Gateway:
             record = await self.registry.by_token(token_hash)
             if record is None or record.state in State.FINAL:
                 raise control.error(404, "not_found", "unknown or expired control URL")
-            if not await self.registry.hit(f"rate:{token_hash}", control.RATE_LIMIT, control.RATE_WINDOW_S):
+            if not await self.registry.hit(token_hash, control.RATE_LIMIT, control.RATE_WINDOW_S):
                 raise control.error(429, "rate_limited", "too many requests for this call; slow down")
             if request.method == "GET":
                 session = self.sessions.get(record.call_sid)

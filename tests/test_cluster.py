@@ -2,15 +2,20 @@
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import time
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
+from gateway.audio import detect_dtmf
 from gateway.registry.redis import RedisRegistry
 from gateway.sandbox.agent import AgentBehaviour, AgentEmulator
 from gateway.sandbox.caller import CallScript, SimulatedCall
@@ -18,6 +23,9 @@ from gateway.sandbox.harness import ACCOUNT_SID, sandbox
 from gateway.sandbox.servers import free_port, serve
 from gateway.sandbox.twilio_rest_fake import TwilioRestFake
 from tests.redis_server import RedisServer
+
+# DESIGN.md: after a Redis outage each instance re-registers its live calls within 5 s.
+RECOVERY_S = 5.0
 
 
 class GatewayProcess:
@@ -131,9 +139,52 @@ async def post(url: str, body: dict) -> tuple[int, dict]:
         return resp.status, await resp.json()
 
 
-def on(gateway: GatewayProcess, control_url: str) -> str:
+def on(gateway, control_url: str) -> str:
     """The same control URL, taken by another instance (as a load balancer would send it)."""
     return gateway.url + "/control/" + control_url.rsplit("/", 1)[1]
+
+
+def sha256_hex(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# The Redis registry's key names (gateway/registry/redis.py, default prefix).
+def call_key(call_sid: str) -> str:
+    return f"lgw:call:{call_sid}"
+
+
+def token_key(control_url: str) -> str:
+    return f"lgw:token:{sha256_hex(control_url.rsplit('/', 1)[1])}"
+
+
+async def redis_contents(url: str) -> list[bytes]:
+    """Every key in the Redis at `url` and everything stored under it, as bytes."""
+    client = aioredis.Redis.from_url(url)
+    found: list[bytes] = []
+    try:
+        async for key in client.scan_iter(match="*", count=1000):
+            found.append(key)
+            kind = (await client.type(key)).decode()
+            if kind == "string":
+                found.append(await client.get(key) or b"")
+            elif kind == "hash":
+                for field, value in (await client.hgetall(key)).items():
+                    found += [field, value]
+            elif kind == "list":
+                found += await client.lrange(key, 0, -1)
+            elif kind == "set":
+                found += await client.smembers(key)
+            elif kind == "zset":
+                found += await client.zrange(key, 0, -1)
+            elif kind == "stream":
+                for _id, fields in await client.xrange(key):
+                    for field, value in fields.items():
+                        found += [field, value]
+            elif kind != "none":  # "none": it expired while we looked
+                pytest.fail(f"unexpected Redis type {kind!r} under {key!r}")
+    finally:
+        await client.aclose()
+    return found
 
 
 async def test_control_on_instance_b_is_carried_out_by_instance_a(redis_server):
@@ -166,6 +217,10 @@ async def test_control_on_instance_b_is_carried_out_by_instance_a(redis_server):
         status, body = await post(on(b, url2), {"action": "send_dtmf", "digits": "5"})
         assert (status, body["error"]["code"]) == (409, "call_ending")
         await asyncio.wait_for(runner2, 10)
+        # A carried the routed send_dtmf out: the caller heard the digit (once: the second was 409),
+        # before the hang-up that came after it.
+        assert detect_dtmf(call2.heard_pcm16()) == "5"
+        assert len(rest.hangups(call2.call_sid)) == 1
 
 
 async def test_when_the_owner_dies_another_instance_hangs_up_through_rest(redis_server):
@@ -193,39 +248,96 @@ async def test_when_the_owner_dies_another_instance_hangs_up_through_rest(redis_
         await asyncio.wait_for(runner, 10)
 
 
+async def test_when_the_owner_dies_another_instance_transfers_through_rest(redis_server):
+    async with cluster(redis_server.url, TRANSFER_ALLOW="+1555*") as (gateways, rest, agent, calls, token):
+        a, b = gateways
+        call = await start_call(a, token, rest, calls)
+        runner = asyncio.create_task(call.run(CallScript(max_s=30)))
+        control_url = (await agent_call_for(agent, call.call_sid)).metadata["control_url"]
+        await asyncio.sleep(0.3)
+        a.kill()
+        transfer = {"action": "call_transfer", "to": "+1 (555) 123-4567", "summary": "billing"}
+        async with asyncio.timeout(15):
+            while True:  # 503 while A's heartbeat lives (up to 6 s), then B acts through REST
+                status, body = await post(on(b, control_url), transfer)
+                if status == 200:
+                    break
+                assert (status, body["error"]["code"]) == (503, "owner_unavailable"), body
+                await asyncio.sleep(0.5)
+        assert body == {"ok": True, "action": "call_transfer", "call_sid": call.call_sid}
+        (redirect,) = rest.redirects()
+        assert redirect.call_sid == call.call_sid and redirect.authorised
+        twiml = redirect.form["Twiml"]
+        dial = twiml[twiml.index("<Dial") : twiml.index("</Dial>")]
+        assert "<Number>+15551234567</Number>" in dial
+        assert f'callerId="{call.to}"' in dial and 'answerOnBridge="true"' in dial
+        await asyncio.sleep(0.5)
+        assert rest.hangups() == []  # transferred, not hung up
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:  # kept as transferred, for the transfer's outcome
+            assert json.loads(await client.get(call_key(call.call_sid)))["state"] == "transferred"
+        finally:
+            await client.aclose()
+        assert (await post(on(b, control_url), {"action": "end_call"}))[0] == 404  # the token is dead
+        await asyncio.wait_for(runner, 10)
+        assert rest.hangups() == []
+
+
 async def test_a_redis_outage_never_drops_a_live_call(redis_server):
+    """Redis stops mid-call and comes back: the call streams on, its owner serves its control from
+    memory meanwhile, and afterwards Redis is used again: the call's token hash is back within 5 s
+    and a second instance, which knows the call only through Redis, routes control to the owner."""
     server = RedisServer().start()
     try:
-        registry = RedisRegistry(server.url)
-        async with sandbox(AgentBehaviour(greeting_s=0.3), registry=registry) as box:
+        async with (
+            sandbox(AgentBehaviour(greeting_s=0.3), registry=RedisRegistry(server.url)) as box,
+            sandbox(registry=RedisRegistry(server.url)) as other,
+        ):
             call = await box.connect_call()
             runner = asyncio.create_task(call.run(CallScript(audio=os.urandom(160 * 200), max_s=30)))
             agent_call = await box.agent.wait_for_call()
             url = agent_call.metadata["control_url"]
+            client = aioredis.Redis.from_url(server.url)
+            try:
+                assert await client.get(token_key(url)) == call.call_sid.encode()
+            finally:
+                await client.aclose()
             await asyncio.sleep(0.5)
             server.stop()
             before = len(agent_call.audio_in)
             await asyncio.sleep(1.5)
             # Media does not touch Redis: the caller's audio still flows to the agent ...
             assert len(agent_call.audio_in) >= before + 160 * 50
-            # ... and the instance serves its own call's control from memory.
+            # ... and the instance serves its own call's control from memory ...
             status, _ = await post(url, {"action": "send_dtmf", "digits": "1"})
             assert status == 200
+            # ... while the other instance, which can only find the call in Redis, cannot.
+            status, body = await post(on(other, url), {"action": "send_dtmf", "digits": "1"})
+            assert (status, body["error"]["code"]) == (503, "registry_unavailable"), body
             server.start()
-            # Within 5 s of Redis answering, the call is registered there again.
-            import redis.asyncio as redis
-
-            client = redis.from_url(server.url)
+            restarted = time.monotonic()
+            # Within 5 s of Redis answering, the call's token hash is registered there again ...
+            client = aioredis.Redis.from_url(server.url)
             try:
-                async with asyncio.timeout(6):
-                    while not await client.keys("*call*"):  # noqa: ASYNC110
-                        await asyncio.sleep(0.1)
+                async with asyncio.timeout(RECOVERY_S):
+                    while await client.get(token_key(url)) != call.call_sid.encode():  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                assert json.loads(await client.get(call_key(call.call_sid)))["state"] == "live"
             finally:
                 await client.aclose()
-            status, body = await post(url, {"action": "end_call"})
-            assert (status, body["ok"]) == (200, True)
+            # ... and a control POST through the other instance finds it there and is routed to the
+            # owner, which carries it out (its REST fake records the hang-up; the other's nothing).
+            async with asyncio.timeout(RECOVERY_S - (time.monotonic() - restarted)):
+                while True:
+                    status, body = await post(on(other, url), {"action": "end_call"})
+                    if status == 200:
+                        break
+                    assert status == 503, body  # the owner's subscriber may still be reconnecting
+                    await asyncio.sleep(0.3)
+            assert body == {"ok": True, "action": "end_call", "call_sid": call.call_sid}
             await asyncio.wait_for(runner, 10)
             assert len(box.rest.hangups(call.call_sid)) == 1
+            assert other.rest.requests == []
     finally:
         server.stop()
 
@@ -270,6 +382,7 @@ async def test_webhook_on_one_instance_and_media_on_another(redis_server):
         assert (await post(on(a, control_url), {"action": "end_call"}))[0] == 200
         await asyncio.wait_for(runner, 10)
         assert len(rest.hangups(call.call_sid)) == 1
+        assert detect_dtmf(call.heard_pcm16()) == "3"  # B played it to the caller
         for g in gateways:
             g.stop()
         logs = a.log + b.log
@@ -277,6 +390,32 @@ async def test_webhook_on_one_instance_and_media_on_another(redis_server):
         assert call.call_sid in logs
         assert secret not in logs and call.parameters["session"] not in logs
         assert token not in logs
+
+
+async def test_redis_holds_the_tokens_sha256_never_the_token(redis_server):
+    """Every key and value in Redis, mid-call (after routed control) and after the call: the
+    control token (and the stream's session reference) never appear; their SHA-256 hex does."""
+    async with cluster(redis_server.url) as (gateways, rest, agent, calls, auth_token):
+        a, b = gateways
+        call = await start_call(a, auth_token, rest, calls)
+        runner = asyncio.create_task(call.run(CallScript(max_s=20)))
+        control_url = (await agent_call_for(agent, call.call_sid)).metadata["control_url"]
+        token = control_url.rsplit("/", 1)[1]
+        session_ref = call.parameters["session"]
+        # Control through both instances, routed and not, so rate windows and replies are there too.
+        async with aiohttp.ClientSession() as http, http.get(on(b, control_url)) as resp:
+            assert resp.status == 200
+        assert (await post(on(b, control_url), {"action": "send_dtmf", "digits": "2"}))[0] == 200
+        assert (await post(on(a, control_url), {"action": "send_dtmf", "digits": "4"}))[0] == 200
+        live = await redis_contents(redis_server.url)
+        assert not [blob for blob in live if token.encode() in blob]
+        assert not [blob for blob in live if session_ref.encode() in blob]
+        assert any(sha256_hex(token).encode() in blob for blob in live)  # it is the Redis we used
+        assert any(sha256_hex(session_ref).encode() in blob for blob in live)
+        assert (await post(on(b, control_url), {"action": "end_call"}))[0] == 200
+        await asyncio.wait_for(runner, 10)
+        after = await redis_contents(redis_server.url)
+        assert not [blob for blob in after if token.encode() in blob or session_ref.encode() in blob]
 
 
 async def test_sigterm_ends_live_calls_gracefully_before_exiting():
