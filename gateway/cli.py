@@ -77,14 +77,25 @@ def _simulate(args: argparse.Namespace) -> int:
 async def _simulate_call(args: argparse.Namespace) -> int:
     from gateway.audio import detect_dtmf, pcm16_to_ulaw, tone_pcm16
     from gateway.sandbox.agent import AgentBehaviour
-    from gateway.sandbox.caller import CallScript
+    from gateway.sandbox.caller import CallScript, wav_to_mulaw
     from gateway.sandbox.harness import sandbox
 
     behaviour = AgentBehaviour(output_format=args.output_format, greeting_s=2.0)
     # The caller talks over the greeting (barge-in), asks the agent for DTMF with '*',
     # then presses '#', on which the agent says goodbye and ends the call.
-    voice = pcm16_to_ulaw(tone_pcm16(300.0, 0.6, 8000, amplitude=0.5))
-    script = CallScript(audio=voice, speak_at=1.0, dtmf=[(2.5, "*"), (4.5, "#")], max_s=20.0)
+    if args.caller_wav:
+        try:
+            voice = wav_to_mulaw(args.caller_wav)
+        except (OSError, ValueError, EOFError) as exc:
+            print(f"error: cannot play --caller-wav {args.caller_wav}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        voice = pcm16_to_ulaw(tone_pcm16(300.0, 0.6, 8000, amplitude=0.5))
+    speak_at = 1.0
+    ask_at = max(2.5, speak_at + len(voice) / 8000 + 0.5)  # once the caller has finished
+    script = CallScript(
+        audio=voice, speak_at=speak_at, dtmf=[(ask_at, "*"), (ask_at + 2.0, "#")], max_s=ask_at + 17.5
+    )
     async with sandbox(behaviour) as box:
         call = await box.connect_call()
         await call.run(script)
@@ -93,7 +104,10 @@ async def _simulate_call(args: argparse.Namespace) -> int:
         hangups = box.rest.hangups(call.call_sid)
     out = Path(args.output or Path(tempfile.gettempdir()) / f"line-gateway-{call.call_sid}.wav")
     call.write_wav(out)
-    print(f"Simulated call {call.call_sid} (agent output {args.output_format})\n")
+    print(f"Simulated call {call.call_sid} (agent output {args.output_format})")
+    if args.caller_wav:
+        print(f"caller audio: {args.caller_wav} ({len(voice) / 8000:.2f} s)")
+    print()
     for at, what in call.timeline:
         print(f"  {at:6.2f} s  {what}")
     print()
@@ -196,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the sandbox agent's audio format",
     )
     simulate.add_argument("--output", help="where to write the caller's recording (WAV)")
+    simulate.add_argument(
+        "--caller-wav",
+        metavar="PATH",
+        help="a WAV file (any rate, channels, width) the caller says instead of the test tone",
+    )
     simulate.add_argument("--verbose", action="store_true", help="show the gateway's logs")
     simulate.set_defaults(run=_simulate)
     call = sub.add_parser("call", help="start one outbound call through a running gateway")

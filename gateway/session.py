@@ -529,7 +529,7 @@ class Session:
                     await self._agent_transfer(event)
                 case AgentUnknown(name):
                     if self._agent_noise.allow():
-                        self._log.info("agent_event_ignored", event=name, count=self._agent_noise.count)
+                        self._log.info("agent_event_ignored", agent_event=name, count=self._agent_noise.count)
                 case ProtocolError():
                     if self._agent_noise.allow():
                         count = self._agent_noise.count

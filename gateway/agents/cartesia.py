@@ -242,7 +242,7 @@ class CartesiaAgent:
                         if event.stream_id:
                             agent.stream_id = event.stream_id
                         return agent
-                    log.warning("agent_event_before_ack", event=type(event).__name__)
+                    log.warning("agent_event_before_ack", agent_event=type(event).__name__)
         except TimeoutError:
             await agent.close(1011, "no ack")
             raise AgentUnavailable(f"agent sent no ack within {ACK_TIMEOUT_S:g} s") from None

@@ -57,6 +57,10 @@ class AgentBehaviour:
     never_ack: bool = False
     continuous: bool = False  # talk without end (benchmarks): 20 ms chunks at real time
     pace: float = 2.0  # send speech this many times faster than real time
+    # Sent as they are, one WebSocket frame each (str: text, bytes: binary), right after the
+    # ack and before the greeting: junk, unknown events, anything a test wants the gateway to see.
+    extra_frames: tuple[str | bytes, ...] = ()
+    frames_before_ack: tuple[str | bytes, ...] = ()  # the same, between `start` and the ack
 
 
 @dataclass
@@ -132,7 +136,11 @@ class AgentEmulator:
                 await ws.wait_closed()
                 return
             await asyncio.sleep(self.behaviour.ack_delay_s)
+            for raw in self.behaviour.frames_before_ack:
+                await ws.send(raw)
             await ws.send(_text({"event": "ack", "stream_id": stream_id, "config": first.get("config", {})}))
+            for raw in self.behaviour.extra_frames:
+                await ws.send(raw)
             if self.behaviour.send_custom:
                 await ws.send(
                     _text({"event": "custom", "stream_id": stream_id, "metadata": {"greeting": True}})

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -62,6 +63,8 @@ class RestRequest:
     account_sid: str
     authorised: bool
     at: float = field(default_factory=time.monotonic)
+    answered: int = 0  # the HTTP status the fake answered (call updates)
+    code: int | None = None  # and Twilio's error code, when it answered an error
 
 
 class TwilioRestFake:
@@ -94,6 +97,14 @@ class TwilioRestFake:
 
     def add_call(self, call_sid: str) -> None:
         self.calls[call_sid] = "in-progress"
+
+    def forget_call(self, call_sid: str) -> None:
+        """Twilio no longer knows the call: updates answer 404 with code 20404."""
+        self.calls.pop(call_sid, None)
+
+    def complete_call(self, call_sid: str) -> None:
+        """The call ended on Twilio's side (the caller hung up): updates answer 400, code 21220."""
+        self.calls[call_sid] = "completed"
 
     def hangups(self, call_sid: str | None = None) -> list[RestRequest]:
         return [
@@ -218,12 +229,21 @@ class TwilioRestFake:
         call_sid = request.path_params["call"]
         account = request.path_params["account"]
         authorised = self._authorised(request) and account == self.account_sid
-        self.requests.append(RestRequest("POST", request.url.path, call_sid, form, account, authorised))
-        if not authorised:
+        entry = RestRequest("POST", request.url.path, call_sid, form, account, authorised)
+        self.requests.append(entry)
+        response = await self._apply_update(entry, request.url.path)
+        entry.answered = response.status_code
+        if response.status_code >= 400:
+            entry.code = orjson.loads(bytes(response.body))["code"]
+        return response
+
+    async def _apply_update(self, entry: RestRequest, path: str) -> Response:
+        call_sid, form = entry.call_sid, entry.form
+        if not entry.authorised:
             return self._error(401, 20003, "Authenticate")
         status = self.calls.get(call_sid)
         if status is None:
-            return self._error(404, 20404, f"The requested resource {request.url.path} was not found")
+            return self._error(404, 20404, f"The requested resource {path} was not found")
         if status != "in-progress":
             return self._error(400, 21220, "Call is not in-progress. Cannot redirect.")
         if self.refuse_redirects and "Twiml" in form:
@@ -232,4 +252,6 @@ class TwilioRestFake:
             self.calls[call_sid] = "completed"
         if self.on_update is not None:
             await self.on_update(call_sid, form)
-        return JSONResponse({"sid": call_sid, "account_sid": account, "status": self.calls[call_sid]})
+        return JSONResponse(
+            {"sid": call_sid, "account_sid": entry.account_sid, "status": self.calls[call_sid]}
+        )
