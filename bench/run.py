@@ -41,7 +41,7 @@ from bench.load import NodeLoad
 from gateway.sandbox.servers import free_port
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DEFAULT_STEPS = [50, 100, 150, 200, 250, 300]
+DEFAULT_STEPS = [50, 100, 125, 150, 175, 200, 250, 300]
 # Pass criteria of a step (the targets)
 MAX_P99_MS = 10.0
 MAX_GENERATOR_CPU = 0.80
