@@ -431,3 +431,49 @@ async def test_call_events_arrive_signed_and_verifiable():
     (ended,) = by_type["call.ended"]
     assert ended["data"]["outcome"] == "agent_ended_call" and ended["data"]["duration_s"] > 0.5
     assert by_type["recording.completed"][0]["data"]["recording_url"] == "https://api/rec/RE1"
+
+
+async def test_a_blind_transfer_nobody_takes_is_reported_as_transfer_failed():
+    async with event_receiver() as (events_url, received):
+        async with sandbox(
+            AgentBehaviour(greeting_s=0.2),
+            transfer_allow=ALLOW,
+            transfer_fallback="hangup",
+            call_events_url=events_url,
+            call_events_secret="whsec_3",
+        ) as box:
+            call, _, action = await blind_transfer(box)
+            status, twiml = await call.post(action, dial_outcome(call, "busy"))
+            assert status == 200 and "<Hangup />" in twiml
+            await asyncio.sleep(0.3)
+        failed = [e for e in events_of(received, "whsec_3") if e["type"] == "transfer.failed"]
+    assert len(failed) == 1
+    assert failed[0]["call_sid"] == call.call_sid
+    assert failed[0]["data"]["status"] == "busy"
+    assert failed[0]["data"]["destination"] == "+15551234567"
+
+
+async def test_warm_transfer_to_a_sip_desk_dials_it_with_its_credentials():
+    creds = (("pbx.example.com", "gateway", "s3cret-pass"),)
+    async with sandbox(
+        AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW, transfer_sip_credentials=creds
+    ) as box:
+        _, _, runner, url = await live_call(box)
+        body = {
+            "action": "call_transfer",
+            "to": "sip:desk@pbx.example.com",
+            "mode": "warm",
+            "headers": {"X-Ticket": "7"},
+        }
+        assert (await post_json(url, body))[0] == 200
+        await asyncio.wait_for(runner, 10)
+        (human,) = box.rest.created
+        assert human.form["To"] == "sip:desk@pbx.example.com?X-Ticket=7"
+        assert (human.form["SipAuthUsername"], human.form["SipAuthPassword"]) == ("gateway", "s3cret-pass")
+
+
+def test_agent_routes_can_come_from_a_json_file(tmp_path):
+    path = tmp_path / "routes.json"
+    path.write_text('{"+15559870002": {"agent": "agent_sales", "metadata": {"team": "sales"}}}')
+    routes = Settings.from_env({"AGENT_ROUTES": str(path)}).agent_routes
+    assert routes == {"+15559870002": {"agent": "agent_sales", "metadata": {"team": "sales"}}}
