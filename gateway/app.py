@@ -21,7 +21,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from gateway import control, outbound
-from gateway.agents.cartesia import AgentConfig, CartesiaAgent
+from gateway.agents.cartesia import AgentConfig, CartesiaAgent, agent_http_session
 from gateway.call_events import CallEvents
 from gateway.carriers import twilio
 from gateway.carriers.twilio_media import TwilioMediaLeg, wait_for_start
@@ -94,11 +94,14 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        # The agents' HTTP session is closed however start-up or shutdown goes.
+        async with agent_http_session() as self.agent_http, self._running():
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
         s = self.settings
         self.calls = TwilioCalls(s.twilio_account_sid, s.twilio_auth_token, s.twilio_api_base)
-        # One agent socket per live call, so the pool is not capped here (aiohttp's default of
-        # 100 connections would hold the 101st call's agent back); calls are what is bounded.
-        self.agent_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self.transfers = Transfers(self.calls, self.registry, s, self.url, self._reconnect)
         store = RedisOutboundStore(s.redis_url) if s.redis_url else MemoryOutboundStore()
         self.dialer = Dialer(
@@ -128,7 +131,6 @@ class Gateway:
             await self.events.close()
             await self.registry.close()
             await self.calls.close()
-            await self.agent_http.close()
             log.info("gateway_stopped")
 
     async def drain(self, grace_s: float) -> None:
@@ -323,8 +325,9 @@ class Gateway:
             await ws.close(1008, "no start")
             return
         # Every line logged for this socket from here on, in any module and in the call's
-        # tasks (they copy this context), carries the call's SID.
-        structlog.contextvars.bind_contextvars(call_sid=start.call_sid, stream_sid=start.stream_sid)
+        # tasks (they copy this context), carries the call's SID. Not the stream's: after a
+        # handover the call's tasks, started under the first stream, would keep its SID.
+        structlog.contextvars.bind_contextvars(call_sid=start.call_sid)
         try:
             record = await self.registry.get(start.call_sid)
         except RegistryUnavailable:

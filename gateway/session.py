@@ -99,6 +99,7 @@ class AgentLeg(Protocol):
     async def send_dtmf(self, digit: str) -> None: ...
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
     async def keepalive(self, now: float) -> bool: ...  # False: the peer stopped answering pings
+    def abort(self) -> None: ...  # drop the connection at once; events() then ends
 
     @property
     def close_code(self) -> int | None: ...
@@ -469,15 +470,25 @@ class Session:
                     self._log.warning("carrier_not_reading", waited_s=round(lv.send_stalled_s(now), 1))
                     await self._caller_left("carrier_not_reading")
             agent = self._agent_socket
-            if agent is None or self._agent_gone or self._intent or self.state in State.LEAVING:
-                continue  # nothing to watch, or an end or transfer is under way (bounded)
+            if agent is None or self._agent_gone:
+                continue
+            # A dead agent is dropped in every state: a send stuck on it would stall the uplink
+            # (and so the carrier's liveness) even while the call is ending or transferring.
+            # The downlink then sees it gone and, unless an end or transfer is under way, hangs
+            # up: the caller is not left in silence.
+            busy = bool(self._intent) or self.state in State.LEAVING
             stalled = agent.liveness.send_stalled_s(now)
             if stalled > agent.stalled_after_s:
                 self._log.warning("agent_not_reading", waited_s=round(stalled, 1))
-                await self._hang_up("agent_not_reading")  # the caller is not left in silence
-            elif not await agent.keepalive(now):
+                self._drop_agent(agent, "agent_not_reading", busy)
+            elif not busy and not await agent.keepalive(now):
                 self._log.warning("agent_unresponsive", reason="no pong")
-                await self._hang_up("agent_unresponsive")
+                self._drop_agent(agent, "agent_unresponsive", busy)
+
+    def _drop_agent(self, agent: AgentLeg, outcome: str, busy: bool) -> None:
+        if not busy:
+            self.outcome = self.outcome or outcome
+        agent.abort()
 
     # Downlink: agent -> caller
 

@@ -388,3 +388,38 @@ def test_simulate_plays_the_callers_own_wav(tmp_path):
     bad = run_cli("simulate", "--caller-wav", str(tmp_path / "missing.wav"))
     assert bad.returncode == 2
     assert "cannot play --caller-wav" in bad.stderr
+
+
+async def test_an_agent_url_that_redirects_is_refused_and_the_api_key_stays_home():
+    """aiohttp would follow a redirect to any host with X-API-Key on it; the gateway refuses
+    to follow, and the call ends as with an unavailable agent."""
+    elsewhere_headers: list[dict[str, str]] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        elsewhere_headers.append(dict(request.headers))
+        return web.Response(status=404)
+
+    async def redirecting(request: web.Request) -> web.Response:
+        raise web.HTTPFound(location=f"http://127.0.0.1:{elsewhere_port}/agents/stream/x")
+
+    runners = []
+    ports = []
+    for handler in (elsewhere, redirecting):
+        app = web.Application()
+        app.router.add_get("/agents/stream/{agent_id}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        ports.append(port)
+    elsewhere_port, redirect_port = ports
+    try:
+        async with sandbox(cartesia_url=f"ws://127.0.0.1:{redirect_port}") as box:
+            call = await box.connect_call()
+            await call.run(CallScript(max_s=5))
+            assert box.rest.hangups(call.call_sid)  # the caller is not left in silence
+        assert elsewhere_headers == []
+    finally:
+        for runner in runners:
+            await runner.cleanup()

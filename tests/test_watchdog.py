@@ -10,8 +10,10 @@ carrier is tested over real sockets in test_call.py.
 import asyncio
 import contextlib
 import itertools
+import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -41,6 +43,7 @@ class Leg:
         self.stream_id = "stream"
         self.sent = 0
         self.keepalives = 0
+        self.aborted = False
         self.closed_with: int | None = None
         self._frame, self._stuck = frame, stuck
         self._gone = asyncio.Event()
@@ -79,6 +82,10 @@ class Leg:
     async def keepalive(self, now: float) -> bool:
         self.keepalives += 1
         return True
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._gone.set()
 
     @property
     def close_code(self) -> int | None:
@@ -142,9 +149,10 @@ async def test_an_agent_that_stops_reading_ends_the_call_with_a_hang_up():
     carrier = Leg(CallerAudio(SILENCE_B64), stuck=False)
     agent = Leg(AgentAudio(SILENCE_B64), stuck=True)
     session, control, _registry = await run_call(carrier, agent)
+    assert agent.aborted  # its stuck send cannot hold the call
     assert session.outcome == "agent_not_reading"
     assert control.hangups == ["CA1"]  # the caller is not left in silence
-    assert agent.closed_with == 1000 and carrier.closed_with == 1000
+    assert carrier.closed_with == 1000
 
 
 async def test_legs_that_keep_up_are_left_alone():
@@ -219,3 +227,69 @@ async def test_an_agent_that_stops_answering_pings_ends_the_call(fast_pings):
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+
+
+def tcp_states(port: int) -> list[str]:
+    """Kernel states (hex, /proc/net/tcp) of the IPv4 connections whose local port is `port`."""
+    states = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[2] != "00000000:0000":
+            states.append(fields[3])
+    return states
+
+
+ESTABLISHED = "01"
+
+
+async def test_a_real_agent_that_stops_reading_is_dropped_and_the_call_hung_up(monkeypatch):
+    """Over real sockets: the agent acks, then reads nothing more. Once the kernel's buffers and
+    aiohttp's fill, the gateway's sends wait; past the bound the connection is dropped (not
+    left open with data buffered for a peer that will never take it) and the call hung up."""
+    from gateway.agents.cartesia import CartesiaAgent
+
+    monkeypatch.setattr(CartesiaAgent, "stalled_after_s", 0.3)
+    test_over = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        start = orjson.loads((await ws.receive()).data)
+        await ws.send_str(orjson.dumps({"event": "ack", "stream_id": start["stream_id"]}).decode())
+        request.transport.pause_reading()  # and never read again
+        await test_over.wait()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/agents/stream/{agent_id}", stream)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    # A small receive buffer (inherited by the accepted socket) so that the buffers fill in a
+    # second rather than after megabytes.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    await web.SockSite(runner, listener).start()
+    try:
+        async with sandbox(cartesia_url=f"ws://127.0.0.1:{port}") as box:
+            call = await box.connect_call()
+            await asyncio.sleep(0.3)  # the ack
+            assert tcp_states(port) == [ESTABLISHED]
+            frame = bytes(range(160))
+            async with asyncio.timeout(15):
+                while not box.rest.hangups(call.call_sid):
+                    for _ in range(200):  # far faster than real time, to fill the buffers soon
+                        await call.send_media(frame)
+                    await asyncio.sleep(0.01)
+                # The gateway reset the connection rather than leave it open, buffered.
+                while ESTABLISHED in tcp_states(port):  # noqa: ASYNC110 (kernel state)
+                    await asyncio.sleep(0.05)
+            gateway = box.app.state.gateway
+            async with asyncio.timeout(5):
+                while gateway.sessions:  # noqa: ASYNC110 (state owned by the server)
+                    await asyncio.sleep(0.05)
+            await call._close("test over")
+    finally:
+        test_over.set()
+        await runner.cleanup()

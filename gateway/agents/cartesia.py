@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import os
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -49,8 +52,8 @@ PING_WRITE_TIMEOUT_S = 1.0
 # Bounds on bringing the agent up: TCP + TLS + upgrade, then the `ack` to our `start`.
 OPEN_TIMEOUT_S = 10.0
 ACK_TIMEOUT_S = 10.0
-# A send waits for the write buffer (32 KiB, ~2 s of audio) to drain at most this long; past
-# it the agent is gone, and the session's watchdog aborts the socket (see gateway.liveness).
+# A send waits for the write buffer to drain at most this long; past it the agent is gone, and
+# the session's watchdog aborts the socket (see gateway.liveness).
 SEND_TIMEOUT_S = 5.0
 # When we close, how long to wait for the agent's close frame before dropping the TCP socket.
 CLOSE_TIMEOUT_S = 2.0
@@ -178,6 +181,28 @@ class AgentConfig:
 DATA_FRAMES = frozenset({aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY})
 
 
+class AgentRedirected(aiohttp.ClientError):
+    """The agent's URL answered with a redirect, which is refused (see agent_http_session)."""
+
+
+async def _refuse_redirect(
+    _session: aiohttp.ClientSession, _ctx: object, params: aiohttp.TraceRequestRedirectParams
+) -> None:
+    raise AgentRedirected(f"the agent's URL redirects (HTTP {params.response.status})")
+
+
+def agent_http_session() -> aiohttp.ClientSession:
+    """The HTTP session agent sockets are opened on, one per gateway.
+
+    - No cap on connections: every live call holds one agent socket, and aiohttp's default cap
+      of 100 would hold the 101st call's agent back. Calls are what is bounded.
+    - No redirects: aiohttp would follow one to any host with our `X-API-Key` still on it.
+    """
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(_refuse_redirect)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trace_configs=[trace])
+
+
 class AgentClosed(Exception):
     """The agent's socket closed (or failed) while we waited for a frame."""
 
@@ -201,6 +226,7 @@ class CartesiaAgent:
         self.liveness = Liveness()
         self._close_reason: str | None = None
         self._pinged_at = self._pong_at = time.monotonic()
+        self._socket = ws.get_extra_info("socket")  # for `abort`; aiohttp forgets it on close
 
     @classmethod
     async def open(
@@ -257,8 +283,7 @@ class CartesiaAgent:
             # Cancelled (the call ended while the agent was coming up): the agent already has
             # our `start`, so close its socket rather than leave it holding a concurrency slot.
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await ws.close(code=1000, message=b"call ended")
+                await agent.close(1000, "call ended")
             raise
 
     async def _receive_text(self) -> str | bytes:
@@ -340,4 +365,26 @@ class CartesiaAgent:
         await self._send(dtmf_frame(self.stream_id, digit))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        await self._ws.close(code=code, message=reason.encode())
+        """Close cleanly if the agent answers within CLOSE_TIMEOUT_S, else drop the connection:
+        aiohttp alone would wait for ever to flush to an agent that has stopped reading."""
+        closed = False
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._ws.close(code=code, message=reason.encode())
+            closed = True
+        except TimeoutError:
+            pass
+        finally:
+            if not closed:
+                self.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, with a reset, discarding what is buffered for it (a FIN
+        would wait behind that data for a peer that is not reading). aiohttp has no public way
+        to; uvloop's transport sockets refuse shutdown(), but a duplicate descriptor of the same
+        connection does not. The downlink then sees the socket closed."""
+        if self._socket is None:
+            return
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self._socket.fileno())) as dup:
+            dup.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            dup.shutdown(socket.SHUT_RDWR)
