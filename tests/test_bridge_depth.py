@@ -17,8 +17,9 @@ import numpy as np
 import orjson
 import pytest
 from aiohttp import WSMsgType, web
+from test_call import dominant_hz, frames, loud
 
-from gateway.audio import detect_dtmf, pcm16_to_ulaw, rms_dbfs, tone_pcm16, ulaw_to_pcm16
+from gateway.audio import detect_dtmf, pcm16_to_ulaw, tone_pcm16
 from gateway.sandbox.agent import GOODBYE_HZ, GREETING_HZ, AgentBehaviour
 from gateway.sandbox.caller import CallScript
 from gateway.sandbox.harness import sandbox
@@ -26,20 +27,6 @@ from gateway.sandbox.servers import free_port
 
 FRAME = 160
 REPO = Path(__file__).resolve().parent.parent
-
-
-def frames(mulaw: bytes) -> list[bytes]:
-    return [mulaw[i : i + FRAME] for i in range(0, len(mulaw), FRAME)]
-
-
-def loud(frame: bytes) -> bool:
-    return rms_dbfs(ulaw_to_pcm16(frame)) > -40
-
-
-def dominant_hz(mulaw: bytes) -> float:
-    pcm = np.frombuffer(ulaw_to_pcm16(mulaw), dtype="<i2").astype(float)
-    spectrum = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
-    return float(np.fft.rfftfreq(len(pcm), 1 / 8000)[int(np.argmax(spectrum))])
 
 
 async def wait_until(predicate, within_s: float = 5.0) -> None:
