@@ -25,7 +25,6 @@ from gateway.sandbox.caller import CallScript
 from gateway.sandbox.harness import sandbox
 from gateway.sandbox.servers import free_port
 
-FRAME = 160
 REPO = Path(__file__).resolve().parent.parent
 
 
