@@ -13,6 +13,7 @@
 // only the 24 varying base64 characters are built and read per frame, one timer per sender).
 
 const http = require('http');
+const { monitorEventLoopDelay } = require('perf_hooks');
 const readline = require('readline');
 const { WebSocket, WebSocketServer } = require('ws');
 
@@ -472,7 +473,13 @@ async function addCalls(cmd) {
 
 let sentAtEnd = null;
 
+// How late this engine's own event loop runs (1 ms probe): a frame that reaches the engine
+// while it is busy waits that long before it is timestamped, which the server is blamed for.
+const loopDelay = monitorEventLoopDelay({ resolution: 1 });
+loopDelay.enable();
+
 function windowStart() {
+  loopDelay.reset();
   win.up = new Samples();
   win.down = new Samples();
   win.late = new Samples();
@@ -485,6 +492,7 @@ function windowStart() {
 
 async function windowEnd(cmd) {
   win.on = false;
+  const loop = { p50: loopDelay.percentile(50) / 1e6, p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 };
   const live = calls.filter((c) => !c.error && c.firstAudioNs);
   const upSent = new Map(live.map((c) => [c.call_sid, c.sent]));
   const downSent = new Map();
@@ -519,6 +527,7 @@ async function windowEnd(cmd) {
     clears: win.clears,
     unexpected_frames: win.unexpected,
     generator_late_wakeups_ms: win.late.stats(),
+    generator_loop_delay_ms: loop,
   };
 }
 
