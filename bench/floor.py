@@ -187,13 +187,16 @@ def main(argv: list[str] | None = None) -> None:
     # Variants, to measure levers that would move the floor itself (defaults: the gateway's stack)
     parser.add_argument("--agent-client", default="aiohttp", choices=["aiohttp", "websockets"])
     parser.add_argument(
-        "--ws", default="auto", help="uvicorn's WebSocket implementation (auto: websockets-sansio)"
+        "--ws",
+        default="",
+        help="uvicorn's WebSocket implementation (default: the gateway's fast path on websockets-sansio)",
     )
     args = parser.parse_args(argv)
     app = create_app(f"http://{args.host}:{args.port}", args.agent_url, args.agent_id, args.agent_client)
     # Exactly what `line-gateway serve` runs: the gateway's uvicorn settings, uvloop, httptools.
+    overrides = {"ws": args.ws} if args.ws else {}
     config = uvicorn_config(
-        app, args.host, args.port, loop="uvloop", http="httptools", ws=args.ws, log_level="warning"
+        app, args.host, args.port, loop="uvloop", http="httptools", log_level="warning", **overrides
     )
     tune_gc()  # as `line-gateway serve` does
     uvicorn.Server(config).run()

@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from gateway.ws_protocol import FastPathWebSocketProtocol
+
 # The gateway's own limit on a WebSocket message: Twilio frames are ~300 bytes, so 64 KiB
 # leaves room for `start` with large custom parameters and refuses anything absurd.
 WS_MAX_SIZE = 64 * 1024
@@ -46,6 +48,7 @@ def uvicorn_config(app: Any, host: str, port: int, **overrides: Any) -> uvicorn.
         "port": port,
         "log_config": None,  # structlog owns logging
         "access_log": False,
+        "ws": FastPathWebSocketProtocol,
         "ws_max_size": WS_MAX_SIZE,
         "ws_ping_interval": None,  # Twilio does not answer pings; its stream has its own liveness
         "timeout_graceful_shutdown": 10,

@@ -1,0 +1,145 @@
+"""uvicorn's websockets-sansio WebSocket protocol, with a fast path for the frames calls are made of.
+
+A call is 50 small text frames a second each way, and in the benchmark websockets' sans-I/O
+parser and serializer (generators, a Frame object per frame) were the largest share of the
+server's own Python time. Here the common case skips them:
+
+- Receiving: whole, unfragmented, masked text or binary frames within `ws_max_size` are parsed
+  and unmasked (websockets' compiled `apply_mask`) here, then delivered through uvicorn's own
+  `send_receive_event_to_app` (UTF-8 check, queue, read pausing: unchanged). The first frame of
+  any other kind (ping, close, fragment, anything malformed or too large) and everything after
+  it go to websockets, which then owns the connection's parsing for good. It is handed whole
+  frames only, so its parser is at a frame boundary when it takes over.
+- Sending: a text or binary message on an open connection is framed here (server frames are
+  not masked) and written at once; everything else (accept, close, a full write buffer, a
+  connection that is closing) goes through uvicorn unchanged.
+
+Connections that negotiated an extension (compression) take uvicorn's path throughout.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+from websockets.speedups import apply_mask
+
+FIN_TEXT = 0x81
+FIN_BINARY = 0x82
+MASKED = 0x80
+LENGTH_16 = 126
+LENGTH_64 = 127
+_U16 = struct.Struct("!H")
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
+
+
+def frame_header(opcode_byte: int, length: int) -> bytes:
+    """RFC 6455 header of an unmasked (server to client), unfragmented frame."""
+    if length < LENGTH_16:
+        return bytes((opcode_byte, length))
+    if length < 1 << 16:
+        return _HEADER_16.pack(opcode_byte, LENGTH_16, length)
+    return _HEADER_64.pack(opcode_byte, LENGTH_64, length)
+
+
+class FastPathWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # None: not decided yet (handshake under way); then True until websockets takes over.
+        self._fast: bool | None = None
+        self._fast_possible = True  # False once websockets' parser has seen bytes past the request
+        self._partial = b""  # the start of a frame whose rest has not arrived
+
+    def data_received(self, data: bytes) -> None:
+        if self._fast is None:
+            if not self.handshake_complete:
+                self._before_handshake(data)
+                return
+            self._fast = (
+                self._fast_possible
+                and self.initial_response is None
+                and self.conn.state is State.OPEN
+                and not self.conn.extensions
+            )
+        if self._fast and not self.close_sent:
+            self._receive_fast(data)
+        else:
+            self._to_websockets(data)
+
+    def _before_handshake(self, data: bytes) -> None:
+        initiated = self.handshake_initiated
+        super().data_received(data)
+        # websockets parses frames straight after the request; if it got any bytes past it,
+        # it may be inside a frame, and only it can go on parsing.
+        if initiated or (self.handshake_initiated and not data.endswith(b"\r\n\r\n")):
+            self._fast_possible = False
+
+    def _to_websockets(self, data: bytes) -> None:
+        self._fast = False
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        if data:
+            super().data_received(data)
+
+    def _receive_fast(self, data: bytes) -> None:
+        buf = self._partial + data if self._partial else data
+        end, pos = len(buf), 0
+        max_size = self.config.ws_max_size
+        while end - pos >= 2:
+            first, second = buf[pos], buf[pos + 1]
+            length = second & 0x7F
+            if (first != FIN_TEXT and first != FIN_BINARY) or not second & MASKED or length == LENGTH_64:
+                break  # not a plain data frame: websockets' to parse (and refuse, if need be)
+            start = pos + 6  # 2 header bytes and the 4-byte mask
+            if length == LENGTH_16:
+                if end - pos < 4:
+                    self._partial = buf[pos:]
+                    return
+                length = _U16.unpack_from(buf, pos + 2)[0]
+                start += 2
+            if length > max_size:
+                break  # websockets closes with 1009
+            stop = start + length
+            if stop > end:
+                self._partial = buf[pos:]
+                return
+            self.frames = [apply_mask(buf[start:stop], buf[start - 4 : start])]
+            self.curr_msg_data_type = "text" if first == FIN_TEXT else "bytes"
+            self.send_receive_event_to_app()
+            pos = stop
+            if self.close_sent or self.conn.state is not State.OPEN:  # e.g. 1007, invalid UTF-8
+                break
+        else:
+            self._partial = buf[pos:] if pos < end else b""
+            return
+        self._partial = b""
+        self._to_websockets(buf[pos:])
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "websocket.send" and self._fast_send_open():
+            text = message.get("text")
+            if text is not None:
+                data = text.encode()
+                self.transport.write(frame_header(FIN_TEXT, len(data)) + data)
+                return
+            data = message.get("bytes")
+            if data is not None:
+                self.transport.write(frame_header(FIN_BINARY, len(data)) + data)
+                return
+        await super().send(message)
+
+    def _fast_send_open(self) -> bool:
+        if self.disconnected:
+            raise ClientDisconnected()
+        return (
+            self.handshake_complete
+            and self.initial_response is None
+            and not self.close_sent
+            and self.writable.is_set()
+            and self.conn.state is State.OPEN
+            and not self.conn.extensions
+        )
