@@ -15,11 +15,19 @@ server's own Python time. Here the common case skips them:
   connection that is closing) goes through uvicorn unchanged.
 
 Connections that negotiated an extension (compression) take uvicorn's path throughout.
+
+Delivering: uvicorn pauses reading after every message and resumes it at every `receive`, which
+on uvloop is an epoll update per frame; here reading pauses only when MAX_UNREAD messages wait
+unread (the bound on what a slow app holds), and the messages wait in `Inbox`, which is
+asyncio.Queue less its per-call loop lookup (a getpid() per frame on Python 3.11).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import struct
+from collections import deque
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -35,6 +43,9 @@ LENGTH_64 = 127
 _U16 = struct.Struct("!H")
 _HEADER_16 = struct.Struct("!BBH")
 _HEADER_64 = struct.Struct("!BBQ")
+# Messages read and not yet taken by the app before reading from the socket pauses. A call's
+# socket carries 50 frames a second, so this is a third of a second of audio.
+MAX_UNREAD = 16
 
 
 def frame_header(opcode_byte: int, length: int) -> bytes:
@@ -46,9 +57,52 @@ def frame_header(opcode_byte: int, length: int) -> bytes:
     return _HEADER_64.pack(opcode_byte, LENGTH_64, length)
 
 
+class Inbox:
+    """What uvicorn's protocol uses of asyncio.Queue (unbounded; the protocol bounds it by
+    pausing the socket), for one loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[Any] = deque()
+        self._getters: deque[asyncio.Future[None]] = deque()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        self._wake_one()
+
+    async def get(self) -> Any:
+        while not self._items:
+            getter = self._loop.create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._getters.remove(getter)
+                if self._items:  # it was woken for an item it will not take: pass it on
+                    self._wake_one()
+                raise
+        return self._items.popleft()
+
+    def _wake_one(self) -> None:
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+
 class FastPathWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.queue = Inbox(self.loop)  # type: ignore[assignment]
         # None: not decided yet (handshake under way); then True until websockets takes over.
         self._fast: bool | None = None
         self._fast_possible = True  # False once websockets' parser has seen bytes past the request
@@ -118,6 +172,27 @@ class FastPathWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         self._partial = b""
         self._to_websockets(buf[pos:])
+
+    def send_receive_event_to_app(self) -> None:
+        """uvicorn's, but reading pauses only when MAX_UNREAD messages wait (see the module)."""
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:
+            return  # past `websocket.close`: discarded, as uvicorn does
+        if self.curr_msg_data_type == "text":
+            try:
+                message = {"type": "websocket.receive", "text": data.decode()}
+            except UnicodeDecodeError:
+                self.logger.exception("Invalid UTF-8 sequence received from client.")
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+        else:
+            message = {"type": "websocket.receive", "bytes": data}
+        self.queue.put_nowait(message)
+        if not self.read_paused and self.queue.qsize() >= MAX_UNREAD:
+            self.read_paused = True
+            self.transport.pause_reading()  # `receive` resumes it once the app has read them all
 
     async def send(self, message: Any) -> None:
         if message["type"] == "websocket.send" and self._fast_send_open():

@@ -308,3 +308,59 @@ async def test_large_server_messages_are_framed_for_the_client() -> None:
         frames = await client.events(3)
     assert echo.seen == messages
     assert [payload(f) for f in frames] == messages
+
+
+async def test_an_app_that_stops_reading_pauses_the_socket_and_loses_nothing(protocol: Any) -> None:
+    if protocol is not FastPathWebSocketProtocol:
+        pytest.skip("looks inside the fast path's protocol")
+    app_may_read = asyncio.Event()
+    unread_at_most: list[int] = []
+    got: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        proto = receive.__self__  # uvicorn hands the app its protocol's bound `receive`
+        await app_may_read.wait()
+        unread_at_most.append(proto.queue.qsize())
+        while len(got) < 5000:
+            message = await receive()
+            got.append(message["text"])
+        await send({"type": "websocket.send", "text": "done"})
+
+    async with serve(app, lifespan="off") as origin:
+        uri = parse_uri(origin.replace("http://", "ws://") + "/")
+        reader, writer = await asyncio.open_connection(uri.host, uri.port)
+        proto = ClientProtocol(uri, max_size=None)
+        proto.send_request(proto.connect())
+        writer.write(b"".join(proto.data_to_send()))
+        while not any(isinstance(e, Response) for e in proto.events_received()):
+            proto.receive_data(await reader.read(65536))
+        client = RawClient(reader, writer, proto)
+        sent = [f"{i:05d}" + "a" * 300 for i in range(5000)]
+        writer.write(b"".join(client.frame_bytes(m) for m in sent))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):  # loopback takes what the server reads, and no more
+                await writer.drain()
+        await asyncio.sleep(0.5)  # the server reads all it will
+        app_may_read.set()
+        frames = await client.events(1, within_s=10)
+        writer.close()
+    assert [payload(f) for f in frames] == ["done"]
+    assert got == sent
+    assert unread_at_most[0] < 1000  # paused after a read or two (~200 frames each), not all 5000
+
+
+async def test_inbox_passes_a_wake_up_on_when_its_getter_is_cancelled() -> None:
+    from gateway.ws_protocol import Inbox
+
+    inbox = Inbox(asyncio.get_running_loop())
+    first = asyncio.create_task(inbox.get())
+    second = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait("only")  # wakes `first`...
+    first.cancel()  # ...which is cancelled before it runs
+    assert await asyncio.wait_for(second, 1) == "only"
+    assert inbox.empty()
+    with pytest.raises(asyncio.CancelledError):
+        await first
