@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from gateway import control, outbound
@@ -313,7 +314,9 @@ class Gateway:
 
     # Media
 
-    async def media(self, ws: WebSocket) -> None:
+    async def media(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """/twilio/media, as a bare ASGI app: see gateway.carriers.twilio_media."""
+        ws = WebSocket(scope, receive, send)
         stream_url = twilio.stream_url(self.settings.public_url)
         if not self.signatures.valid(stream_url, {}, ws.headers.get("x-twilio-signature")):
             log.warning("twilio_signature_rejected", path="/twilio/media")
@@ -339,7 +342,7 @@ class Gateway:
             log.warning("media_session_rejected", known_call=record is not None)
             await ws.close(1008, "unknown session")
             return
-        leg = TwilioMediaLeg(ws, start.stream_sid)
+        leg = TwilioMediaLeg(ws, start.stream_sid, receive, send)
         existing = self.sessions.get(start.call_sid)
         if existing is not None and not existing.done:
             await existing.adopt(leg)
@@ -669,6 +672,17 @@ def route_for(routes: Mapping[str, dict[str, Any]], called: str) -> dict[str, An
     return {}
 
 
+class BareASGI:
+    """A bound `async (scope, receive, send)` method as a route's ASGI app: Starlette wraps
+    plain functions and methods in a WebSocket session of its own."""
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self._handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._handler(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, registry: SessionRegistry | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     for secret in settings.secrets:
@@ -682,7 +696,7 @@ def create_app(settings: Settings | None = None, registry: SessionRegistry | Non
             Route("/twilio/warm-status", gateway.warm_status, methods=["POST"]),
             Route("/twilio/conference", gateway.conference_status, methods=["POST"]),
             Route("/twilio/recording", gateway.recording_status, methods=["POST"]),
-            WebSocketRoute("/twilio/media", gateway.media),
+            WebSocketRoute("/twilio/media", BareASGI(gateway.media)),
             Route("/control/{token}", gateway.control, methods=["GET", "POST"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),
             Route("/readyz", gateway.readyz, methods=["GET"]),

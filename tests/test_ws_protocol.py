@@ -103,26 +103,23 @@ class RawClient:
         return None
 
 
-# Every test runs on the fast path and on uvicorn's own protocol: what they expect is what
-# uvicorn does.
+# Every test of a connection runs on the fast path and on uvicorn's own protocol: what they
+# expect is what uvicorn does.
 PROTOCOLS = {"fast-path": FastPathWebSocketProtocol, "uvicorn": "websockets-sansio"}
 
 
-@pytest.fixture(params=list(PROTOCOLS), autouse=True)
+@pytest.fixture(params=list(PROTOCOLS))
 def protocol(request: pytest.FixtureRequest) -> Any:
-    global _protocol
-    _protocol = PROTOCOLS[request.param]
-    return _protocol
-
-
-_protocol: Any = FastPathWebSocketProtocol
+    return PROTOCOLS[request.param]
 
 
 @contextlib.asynccontextmanager
-async def connected(extra_after_request: bytes = b"", **server: Any) -> AsyncIterator[tuple[Echo, RawClient]]:
+async def connected(
+    protocol: Any, extra_after_request: bytes = b"", **server: Any
+) -> AsyncIterator[tuple[Echo, RawClient]]:
     echo = Echo()
     app = Starlette(routes=[WebSocketRoute("/ws", echo.endpoint)])
-    async with serve(app, ws=_protocol, **server) as origin:
+    async with serve(app, ws=protocol, **server) as origin:
         uri = parse_uri(origin.replace("http://", "ws://") + "/ws")
         reader, writer = await asyncio.open_connection(uri.host, uri.port)
         proto = ClientProtocol(uri, max_size=None)
@@ -166,10 +163,10 @@ def test_served_with_the_fast_path() -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-async def test_any_split_of_any_frames_arrives_whole_and_in_order(seed: int) -> None:
+async def test_any_split_of_any_frames_arrives_whole_and_in_order(protocol: Any, seed: int) -> None:
     rng = random.Random(seed)
     messages = random_messages(rng, 40)
-    async with connected() as (echo, client):
+    async with connected(protocol) as (echo, client):
         wire = b"".join(client.frame_bytes(m) for m in messages)
         await client.write_in_pieces(wire, rng, max_piece=rng.choice([1, 7, 64, 4096]))
         echoed = await client.events(len(messages), within_s=20)
@@ -177,8 +174,8 @@ async def test_any_split_of_any_frames_arrives_whole_and_in_order(seed: int) -> 
     assert [payload(f) for f in echoed] == messages
 
 
-async def test_many_frames_in_one_write() -> None:
-    async with connected() as (echo, client):
+async def test_many_frames_in_one_write(protocol: Any) -> None:
+    async with connected(protocol) as (echo, client):
         messages: list[str | bytes] = [f"frame {i}" for i in range(200)]
         client.writer.write(b"".join(client.frame_bytes(m) for m in messages))
         echoed = await client.events(200)
@@ -186,8 +183,8 @@ async def test_many_frames_in_one_write() -> None:
     assert [payload(f) for f in echoed] == messages
 
 
-async def test_a_ping_hands_over_to_websockets_and_the_stream_goes_on() -> None:
-    async with connected() as (echo, client):
+async def test_a_ping_hands_over_to_websockets_and_the_stream_goes_on(protocol: Any) -> None:
+    async with connected(protocol) as (echo, client):
         client.writer.write(client.frame_bytes("before"))
         client.proto.send_ping(b"are you there")
         ping = b"".join(client.proto.data_to_send())
@@ -200,8 +197,8 @@ async def test_a_ping_hands_over_to_websockets_and_the_stream_goes_on() -> None:
     assert echo.seen == ["before", "after"]
 
 
-async def test_a_fragmented_message_is_reassembled() -> None:
-    async with connected() as (echo, client):
+async def test_a_fragmented_message_is_reassembled(protocol: Any) -> None:
+    async with connected(protocol) as (echo, client):
         client.writer.write(client.frame_bytes("plain"))
         client.proto.send_text(b"frag", fin=False)
         client.proto.send_continuation(b"men", fin=False)
@@ -212,22 +209,22 @@ async def test_a_fragmented_message_is_reassembled() -> None:
     assert [payload(f) for f in frames] == ["plain", "fragmented", "tail"]
 
 
-async def test_frames_sent_with_the_handshake_request_leave_the_socket_working() -> None:
+async def test_frames_sent_with_the_handshake_request_leave_the_socket_working(protocol: Any) -> None:
     # A client must wait for the 101 before it sends frames. One that does not gets what
     # uvicorn's own protocol gives it (the early frame is not delivered), and websockets keeps
     # the parsing, so the frames after it still arrive.
     mask = b"\x01\x02\x03\x04"
     body = b"early"
     frame = bytes((0x81, 0x80 | len(body))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body))
-    async with connected(extra_after_request=frame) as (echo, client):
+    async with connected(protocol, extra_after_request=frame) as (echo, client):
         client.writer.write(client.frame_bytes("later"))
         frames = await client.events(1)
     assert [payload(f) for f in frames] == ["later"]
     assert echo.seen == ["later"]
 
 
-async def test_the_client_closing_reaches_the_app() -> None:
-    async with connected() as (echo, client):
+async def test_the_client_closing_reaches_the_app(protocol: Any) -> None:
+    async with connected(protocol) as (echo, client):
         client.writer.write(client.frame_bytes("hi"))
         await client.events(1)
         client.proto.send_close(4001, "bye")
@@ -258,8 +255,8 @@ def masked(first: int, body: bytes, length_field: int | None = None) -> bytes:
     ],
     ids=["invalid-utf8", "too-large", "unmasked", "rsv-bit", "reserved-opcode"],
 )
-async def test_bad_frames_close_the_socket_with_the_right_code(bad: bytes, code: int) -> None:
-    async with connected() as (echo, client):
+async def test_bad_frames_close_the_socket_with_the_right_code(protocol: Any, bad: bytes, code: int) -> None:
+    async with connected(protocol) as (echo, client):
         client.writer.write(client.frame_bytes("fine"))
         await client.events(1)
         client.writer.write(bad + client.frame_bytes("never seen"))
@@ -267,8 +264,8 @@ async def test_bad_frames_close_the_socket_with_the_right_code(bad: bytes, code:
     assert echo.seen == ["fine"]
 
 
-async def test_a_frame_over_a_smaller_limit_closes_with_1009() -> None:
-    async with connected(ws_max_size=1000) as (echo, client):
+async def test_a_frame_over_a_smaller_limit_closes_with_1009(protocol: Any) -> None:
+    async with connected(protocol, ws_max_size=1000) as (echo, client):
         client.writer.write(client.frame_bytes("x" * 1000))
         assert [payload(f) for f in await client.events(1)] == ["x" * 1000]
         client.writer.write(client.frame_bytes("x" * 1001))
@@ -301,8 +298,8 @@ def _reader(data: bytes) -> Any:
     return read_exact
 
 
-async def test_large_server_messages_are_framed_for_the_client() -> None:
-    async with connected() as (echo, client):
+async def test_large_server_messages_are_framed_for_the_client(protocol: Any) -> None:
+    async with connected(protocol) as (echo, client):
         messages: list[str | bytes] = [os.urandom(60_000), "x" * 65535, ""]
         client.writer.write(b"".join(client.frame_bytes(m) for m in messages))
         frames = await client.events(3)
@@ -310,9 +307,7 @@ async def test_large_server_messages_are_framed_for_the_client() -> None:
     assert [payload(f) for f in frames] == messages
 
 
-async def test_an_app_that_stops_reading_pauses_the_socket_and_loses_nothing(protocol: Any) -> None:
-    if protocol is not FastPathWebSocketProtocol:
-        pytest.skip("looks inside the fast path's protocol")
+async def test_an_app_that_stops_reading_pauses_the_socket_and_loses_nothing() -> None:
     app_may_read = asyncio.Event()
     unread_at_most: list[int] = []
     got: list[str] = []
