@@ -25,10 +25,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from gateway.app import BareASGI
 from gateway.sandbox.servers import tune_gc, uvicorn_config
 
 TWIML = (
@@ -48,13 +50,16 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
         twiml = TWIML.format(url=stream_url, session=secrets.token_urlsafe(16))
         return Response(twiml, media_type="application/xml")
 
-    async def media(ws: WebSocket) -> None:
+    async def media(scope: Scope, receive: Receive, send: Send) -> None:
+        # A bare ASGI app, as the gateway's media route is: after `start` the relay reads and
+        # writes through uvicorn's receive and send, without Starlette's per-message layers.
+        ws = WebSocket(scope, receive, send)
         if agent_client == "aiohttp":
-            await media_aiohttp(ws)
+            await media_aiohttp(ws, receive, send)
             return
-        await media_websockets(ws)
+        await media_websockets(ws, receive, send)
 
-    async def media_websockets(ws: WebSocket) -> None:
+    async def media_websockets(ws: WebSocket, receive: Receive, send: Send) -> None:
         """The same relay with websockets' asyncio client on the agent side (`--agent-client
         websockets`, the gateway's client before it moved to aiohttp)."""
         await ws.accept()
@@ -63,7 +68,7 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
             frame = orjson.loads(await ws.receive_text())
             if frame.get("event") == "start":
                 start = frame["start"]
-        stream_sid, call_sid = start["streamSid"], start["callSid"]
+        sid, call_sid = start["streamSid"], start["callSid"]
         async with connect(agent_stream, compression=None, ping_interval=None, max_size=1 << 20) as agent:
             await agent.send(
                 orjson.dumps(
@@ -79,9 +84,12 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
                 pass
 
             async def uplink() -> None:
-                with contextlib.suppress(WebSocketDisconnect, ConnectionClosed):
+                with contextlib.suppress(OSError, ConnectionClosed):
                     while True:
-                        frame = orjson.loads(await ws.receive_text())
+                        message = await receive()
+                        if message["type"] != "websocket.receive":
+                            return
+                        frame = orjson.loads(message["text"])
                         event = frame.get("event")
                         if event == "media":
                             payload = frame["media"]["payload"]
@@ -92,14 +100,13 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
                             return
 
             async def downlink() -> None:
-                with contextlib.suppress(WebSocketDisconnect, ConnectionClosed, RuntimeError):
+                with contextlib.suppress(OSError, ConnectionClosed, RuntimeError):
                     async for text in agent:
                         frame = orjson.loads(text)
                         if frame.get("event") == "media_output":
-                            payload = frame["media"]["payload"]
-                            await ws.send_text(
-                                f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"{payload}"}}}}'
-                            )
+                            b64 = frame["media"]["payload"]
+                            text = f'{{"event":"media","streamSid":"{sid}","media":{{"payload":"{b64}"}}}}'
+                            await send({"type": "websocket.send", "text": text})
 
             up, down = asyncio.create_task(uplink()), asyncio.create_task(downlink())
             await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
@@ -108,7 +115,7 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
         with contextlib.suppress(Exception):
             await ws.close()
 
-    async def media_aiohttp(ws: WebSocket) -> None:
+    async def media_aiohttp(ws: WebSocket, receive: Receive, send: Send) -> None:
         """The relay with aiohttp's WebSocket client on the agent side, as the gateway has."""
         await ws.accept()
         start = None
@@ -116,7 +123,7 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
             frame = orjson.loads(await ws.receive_text())
             if frame.get("event") == "start":
                 start = frame["start"]
-        stream_sid, call_sid = start["streamSid"], start["callSid"]
+        sid, call_sid = start["streamSid"], start["callSid"]
         async with (
             aiohttp.ClientSession() as http,
             http.ws_connect(agent_stream, compress=0, autoping=True, max_msg_size=1 << 20) as agent,
@@ -135,9 +142,12 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
                 pass
 
             async def uplink() -> None:
-                with contextlib.suppress(WebSocketDisconnect, ConnectionError):
+                with contextlib.suppress(OSError):
                     while True:
-                        frame = orjson.loads(await ws.receive_text())
+                        message = await receive()
+                        if message["type"] != "websocket.receive":
+                            return
+                        frame = orjson.loads(message["text"])
                         event = frame.get("event")
                         if event == "media":
                             payload = frame["media"]["payload"]
@@ -148,16 +158,15 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
                             return
 
             async def downlink() -> None:
-                with contextlib.suppress(WebSocketDisconnect, RuntimeError, ConnectionError):
+                with contextlib.suppress(OSError, RuntimeError):
                     async for msg in agent:
                         if msg.type != aiohttp.WSMsgType.TEXT:
                             return
                         frame = orjson.loads(msg.data)
                         if frame.get("event") == "media_output":
-                            payload = frame["media"]["payload"]
-                            await ws.send_text(
-                                f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"{payload}"}}}}'
-                            )
+                            b64 = frame["media"]["payload"]
+                            text = f'{{"event":"media","streamSid":"{sid}","media":{{"payload":"{b64}"}}}}'
+                            await send({"type": "websocket.send", "text": text})
 
             up, down = asyncio.create_task(uplink()), asyncio.create_task(downlink())
             await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
@@ -172,7 +181,7 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
     return Starlette(
         routes=[
             Route("/twilio/voice", voice, methods=["POST"]),
-            WebSocketRoute("/twilio/media", media),
+            WebSocketRoute("/twilio/media", BareASGI(media)),
             Route("/readyz", readyz, methods=["GET"]),
         ]
     )
