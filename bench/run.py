@@ -55,6 +55,7 @@ MAX_OTHER_LOAD = 0.10  # other processes' share of either core above which a win
 # The hypervisor's share of either core (steal) above which a window is redone: a VM whose
 # core is taken away stalls both servers for milliseconds at a time, which reads as latency.
 MAX_STEAL = 0.05
+HANG_UP_SETTLE_S = 2.0  # after a step's calls hang up, before the next server's start
 GRACE_S = 1.0  # after a window, how long frames sent in it get to arrive before they count as lost
 
 
@@ -494,41 +495,56 @@ def _function(frame: str) -> str:
     return f"{m.group(1)} ({m.group(3)})" if m else frame
 
 
-async def ramp(h: Harness, kind: str, steps: list[int]) -> dict[str, Any]:
+async def ramps(h: Harness, kinds: list[str], steps: list[int]) -> dict[str, dict[str, Any]]:
+    """Every server's ramp, interleaved: at each N, each server in turn carries N fresh calls
+    for a window while the others sit idle. The host's noise (other tenants, steal) drifts over
+    minutes; measured back to back, the servers meet the same machine at the same N."""
     args = h.args
-    log_path = RESULTS_DIR / f"{h.stamp}-{kind}.log"
-    server = ServerProcess(kind, args.server_core, h.load.agent_url, log_path, args.floor_args.split())
-    result: dict[str, Any] = {"kind": kind, "pid": server.pid, "log": str(log_path), "steps": []}
+    servers: dict[str, ServerProcess] = {}
+    results: dict[str, dict[str, Any]] = {}
     try:
-        await server.wait_ready()
-        print(f"\n[{kind}] pid {server.pid} on core {args.server_core}, {server.url}", flush=True)
-        result["ttfa_idle"] = await probe_ttfa(h, server, args.probes)
-        await asyncio.sleep(0.5)
-        result["rss_kib_idle"] = proc_rss_kib(server.pid)
-        have = 0
+        for kind in kinds:
+            log_path = RESULTS_DIR / f"{h.stamp}-{kind}.log"
+            server = servers[kind] = ServerProcess(
+                kind, args.server_core, h.load.agent_url, log_path, args.floor_args.split()
+            )
+            results[kind] = {"kind": kind, "pid": server.pid, "log": str(log_path), "steps": []}
+        for kind, server in servers.items():
+            await server.wait_ready()
+            print(f"\n[{kind}] pid {server.pid} on core {args.server_core}, {server.url}", flush=True)
+            results[kind]["ttfa_idle"] = await probe_ttfa(h, server, args.probes)
+            await asyncio.sleep(0.5)
+            results[kind]["rss_kib_idle"] = proc_rss_kib(server.pid)
+        ramping = list(kinds)
         for n in steps:
-            print(f"[{kind}] N={n}: starting {n - have} calls ...", flush=True)
-            added = await h.load.add_calls(server.url, server.auth_token, n - have, args.stagger)
-            have = n
-            step = await measure_step(h, server, n, added)
-            result["steps"].append(step)
-            print("  " + step_line(kind, step), flush=True)
-            if args.profile and n == args.profile:
-                print(f"[{kind}] py-spy record {args.profile_seconds:g} s at N={n} ...", flush=True)
-                out = RESULTS_DIR / f"{h.stamp}-{kind}-N{n}.pyspy.txt"
-                prof = await asyncio.to_thread(profile, server.pid, args.profile_seconds, out)
-                result["profile"] = {"calls": n, **prof}
-            if not step["passed"]:
+            for window in range(1, args.repeat + 1):
+                for kind in ramping:
+                    server, result = servers[kind], results[kind]
+                    print(f"[{kind}] N={n}: starting {n} calls ...", flush=True)
+                    added = await h.load.add_calls(server.url, server.auth_token, n, args.stagger)
+                    step = {**await measure_step(h, server, n, added), "window": window}
+                    result["steps"].append(step)
+                    print("  " + step_line(kind, step), flush=True)
+                    if args.profile and n == args.profile and window == 1:
+                        print(f"[{kind}] py-spy record {args.profile_seconds:g} s at N={n} ...", flush=True)
+                        out = RESULTS_DIR / f"{h.stamp}-{kind}-N{n}.pyspy.txt"
+                        prof = await asyncio.to_thread(profile, server.pid, args.profile_seconds, out)
+                        result["profile"] = {"calls": n, **prof}
+                    await h.load.hang_up_all()
+                    await asyncio.sleep(HANG_UP_SETTLE_S)
+            ramping = [kind for kind in ramping if by_calls(results[kind]["steps"])[n]["passed"]]
+            if not ramping:
                 break
     finally:
         with contextlib.suppress(Exception):
             await h.load.hang_up_all()
         await asyncio.sleep(0.2)
-        server.stop()
-        result["log_levels"] = server.log_levels()
-        if server.proc.returncode not in (0, None, -signal.SIGTERM):
-            result["exit_code"] = server.proc.returncode
-    return result
+        for kind, server in servers.items():
+            server.stop()
+            results[kind]["log_levels"] = server.log_levels()
+            if server.proc.returncode not in (0, None, -signal.SIGTERM):
+                results[kind]["exit_code"] = server.proc.returncode
+    return results
 
 
 # Report
@@ -545,8 +561,9 @@ def step_line(kind: str, s: dict[str, Any]) -> str:
         f"{uf['lost']}/{uf['duplicated']}/{uf['reordered']} {df['lost']}/{df['duplicated']}/{df['reordered']}"
     )
     verdict = "pass" if s["passed"] else ("INVALID" if not s["valid"] else "FAIL")
+    label = f"{kind} #{s.get('window', 1)}"
     return (
-        f"{kind:8} {s['calls']:4d} | {_f(up['p50'])} {_f(up['p99'])} {_f(up['max'], '.1f'):>6} | "
+        f"{label:10} {s['calls']:4d} | {_f(up['p50'])} {_f(up['p99'])} {_f(up['max'], '.1f'):>6} | "
         f"{_f(down['p50'])} {_f(down['p99'])} {_f(down['max'], '.1f'):>6} | {bad:>11} | "
         f"{s['server_cpu_core_fraction']:5.0%} {_f(s['server_cpu_ms_per_call_s'], '.3f'):>6} | "
         f"{s['server_rss_kib'] / 1024:6.1f} | {s['generator_cpu_core_fraction']:4.0%} | "
@@ -556,20 +573,37 @@ def step_line(kind: str, s: dict[str, Any]) -> str:
 
 
 HEADER = (
-    "server      N  | uplink ms p50 p99  max | downlink ms p50 p99 max | lost/dup/reord | "
+    "server #     N  | uplink ms p50 p99  max | downlink ms p50 p99 max | lost/dup/reord | "
     "CPU core ms/call-s | RSS MiB | gen | TTFA p50 p99 ms | verdict\n"
     "                                                          up        down"
 )
+
+
+def by_calls(steps: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """A server's windows grouped by N (`--repeat` measures each N several times): N passes when
+    most of its windows do, and its CPU per call-second is their median."""
+    grouped: dict[int, list[dict[str, Any]]] = {}
+    for s in steps:
+        grouped.setdefault(s["calls"], []).append(s)
+    out = {}
+    for n, windows in grouped.items():
+        cpu = [w["server_cpu_ms_per_call_s"] for w in windows if w["server_cpu_ms_per_call_s"]]
+        out[n] = {
+            "passed": sum(w["passed"] for w in windows) * 2 > len(windows),
+            "windows": len(windows),
+            "cpu_ms_per_call_s": float(np.median(cpu)) if cpu else None,
+        }
+    return out
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     runs = results.get("load", {})
     summary: dict[str, Any] = {}
     for kind, run in runs.items():
-        passed = [s["calls"] for s in run["steps"] if s["passed"]]
+        passed = [n for n, g in by_calls(run["steps"]).items() if g["passed"]]
         summary[f"{kind}_max_calls"] = max(passed) if passed else 0
         steps = run["steps"]
-        if len(steps) >= 2:
+        if steps and steps[0]["calls"] != steps[-1]["calls"]:
             lo, hi = steps[0], steps[-1]
             slope = (hi["server_rss_kib"] - lo["server_rss_kib"]) / (hi["calls"] - lo["calls"])
             summary[f"{kind}_rss_kib_per_call"] = round(slope, 1)
@@ -585,12 +619,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             summary[f"{kind}_ttfa_idle_p50_ms"] = idle["total"]["p50"]
             summary[f"{kind}_agent_socket_open_p50_ms"] = idle["agent_socket_open"]["p50"]
     if "gateway" in runs and "floor" in runs:
-        floor_steps = {s["calls"]: s for s in runs["floor"]["steps"]}
+        gateway_at, floor_at = by_calls(runs["gateway"]["steps"]), by_calls(runs["floor"]["steps"])
         ratios = {}
-        for s in runs["gateway"]["steps"]:
-            f = floor_steps.get(s["calls"])
-            if f and f["server_cpu_ms_per_call_s"] and s["server_cpu_ms_per_call_s"]:
-                ratios[s["calls"]] = round(s["server_cpu_ms_per_call_s"] / f["server_cpu_ms_per_call_s"], 2)
+        for n, g in gateway_at.items():
+            f = floor_at.get(n)
+            if f and f["cpu_ms_per_call_s"] and g["cpu_ms_per_call_s"]:
+                ratios[n] = round(g["cpu_ms_per_call_s"] / f["cpu_ms_per_call_s"], 2)
         summary["cpu_ratio_gateway_to_floor"] = ratios
         g, f = summary.get("gateway_ttfa_idle_p50_ms"), summary.get("floor_ttfa_idle_p50_ms")
         if g is not None and f is not None:
@@ -600,7 +634,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             summary["agent_socket_open_added_ms"] = round(g - f, 2)
     targets = {}
     if "gateway_max_calls" in summary:
-        failed_below = any(not s["passed"] and s["calls"] <= TARGET_CALLS for s in runs["gateway"]["steps"])
+        gateway_at = by_calls(runs["gateway"]["steps"])
+        failed_below = any(not g["passed"] and n <= TARGET_CALLS for n, g in gateway_at.items())
         met = True if summary["gateway_max_calls"] >= TARGET_CALLS else (False if failed_below else None)
         targets["calls_per_core"] = {
             "target": f">= {TARGET_CALLS}",
@@ -611,11 +646,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     if ratios:
         # at the target load if both servers were measured there, else at the most calls both
         # carried passing (a saturated server's CPU per call says little), else the most measured
-        both_passed = [
-            s["calls"]
-            for s in runs["gateway"]["steps"]
-            if s["passed"] and any(f["calls"] == s["calls"] and f["passed"] for f in runs["floor"]["steps"])
-        ]
+        gateway_at, floor_at = by_calls(runs["gateway"]["steps"]), by_calls(runs["floor"]["steps"])
+        both_passed = [n for n, g in gateway_at.items() if g["passed"] and floor_at.get(n, {}).get("passed")]
         at = TARGET_CALLS if TARGET_CALLS in ratios else max(both_passed or ratios)
         targets["cpu_vs_floor"] = {
             "target": f"<= {TARGET_CPU_RATIO}x",
@@ -729,10 +761,7 @@ async def run_load(args: argparse.Namespace, results: dict[str, Any], stamp: str
     results["generator"] = {"engine": "node bench/node/load.js (ws)", "pid": load.pid}
     h = Harness(args, load, stamp)
     try:
-        results["load"] = {}
-        for kind in args.servers:
-            results["load"][kind] = await ramp(h, kind, args.calls)
-            await asyncio.sleep(1.0)
+        results["load"] = await ramps(h, args.servers, args.calls)
         status = await load.status()
         results["agent_errors"] = status["agent_errors"]
         results["rest_requests"] = status["rest_requests"]
@@ -755,6 +784,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--floor-args",
         default="",
         help="extra bench.floor options, to measure a lever on the floor, e.g. '--agent-client aiohttp'",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="windows per server at each N, interleaved; N passes on most, CPU is their median",
     )
     p.add_argument("--profile", type=int, default=0, help="py-spy record the servers at this N")
     p.add_argument("--profile-seconds", type=float, default=10.0)
