@@ -26,7 +26,7 @@ from gateway.events import (
     StreamStarted,
     StreamStopped,
 )
-from gateway.session import Playback
+from gateway.session import MARK_EVERY_S, Playback
 
 START = {
     "event": "start",
@@ -200,15 +200,15 @@ def test_agent_end_is_recognised_only_from_close_1000_with_its_reason():
 
 async def test_playback_knows_what_the_caller_heard():
     playback = Playback()
-    playback.sent(0.3)
+    playback.sent(MARK_EVERY_S * 0.6)
     assert playback.next_mark() is None  # less than MARK_EVERY_S since the last mark
-    playback.sent(0.3)
+    playback.sent(MARK_EVERY_S * 0.6)
     first = playback.next_mark()
     playback.sent(0.1)
     last = playback.next_mark(force=True)
     assert first and last and not playback.played_out.is_set()
     playback.echoed(first)
-    assert playback.heard_s == pytest.approx(0.6)
+    assert playback.heard_s == pytest.approx(MARK_EVERY_S * 1.2)
     assert not playback.played_out.is_set()
     playback.echoed(last)
     assert playback.played_out.is_set()
