@@ -45,9 +45,9 @@ log = structlog.get_logger(__name__)
 # of 20 ms is 5 s of speech (~75 KiB); past that the oldest are dropped, and that is logged.
 PENDING_UPLINK_FRAMES = 250
 # A mark every second of agent audio tells the session what the caller has heard. Each mark is
-# a frame out and its echo a frame in: at one a second they add 4 % to a call's 50 frames a
-# second each way (measured: every half second cost ~2 % more CPU per call). The drain before
-# a hang-up or transfer forces a last mark, so its precision does not depend on this.
+# a frame out and its echo a frame in, as costly as an audio frame: once a second adds 2 % to
+# a call's 50 frames a second each way (twice a second was 4 %). The drain before a hang-up or
+# transfer forces a last mark, so how soon the end is known does not depend on this.
 # Outstanding marks are capped: Twilio buffers at most ~10 min of audio, which is 600 marks;
 # past the cap no new marks are sent until echoes come back (the drain mark is always sent).
 MARK_EVERY_S = 1.0
