@@ -318,6 +318,10 @@ class Session:
                 self._log.error("call_failed", error=repr(exc), exc_info=exc)
             self.outcome = self.outcome or "error"
         finally:
+            # The finished tasks keep their CancelledError, whose traceback holds the frames
+            # that hold this session: without this, every ended call would stay in memory as a
+            # cycle until the next full garbage collection.
+            self._tasks = []
             self._finished.set()
             await self._cleanup()
 

@@ -1,7 +1,9 @@
 """Whole calls over real sockets: simulated Twilio -> gateway on a free port -> sandbox agent."""
 
 import asyncio
+import gc
 import os
+import weakref
 
 import pytest
 from websockets.asyncio.client import connect
@@ -131,6 +133,26 @@ async def test_caller_hanging_up_closes_the_agent_socket_and_removes_the_session
         assert await gateway.registry.get(call.call_sid) is None
         assert box.rest.hangups() == []
     assert agent_call.close_code == 1000
+
+
+async def test_an_ended_call_is_freed_at_once_not_left_to_the_garbage_collector():
+    # Under load thousands of calls end between two full collections; a call kept alive by a
+    # reference cycle would hold its memory until then.
+    gc.collect()
+    gc.disable()
+    try:
+        async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
+            call = await box.connect_call()
+            gateway = gateway_of(box)
+            await wait_until(lambda: getattr(gateway.sessions.get(call.call_sid), "state", "") == "live")
+            live = gateway.sessions[call.call_sid]
+            refs = [weakref.ref(obj) for obj in (live, live._carrier, live._agent)]
+            del live
+            await call.run(CallScript(hangup_at=0.5))
+            await wait_until(lambda: not gateway.sessions)
+            await wait_until(lambda: all(ref() is None for ref in refs))
+    finally:
+        gc.enable()
 
 
 async def test_forged_or_missing_webhook_signature_is_refused():
