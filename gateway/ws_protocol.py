@@ -16,10 +16,14 @@ server's own Python time. Here the common case skips them:
 
 Connections that negotiated an extension (compression) take uvicorn's path throughout.
 
-Delivering: uvicorn pauses reading after every message and resumes it at every `receive`, which
-on uvloop is an epoll update per frame; here reading pauses only when MAX_UNREAD messages wait
-unread (the bound on what a slow app holds), and the messages wait in `Inbox`, which is
+Delivering: uvicorn pauses reading after every message and resumes it at every `receive`, a
+stop and a restart of the socket's libuv watcher per frame; here reading pauses once MAX_UNREAD
+messages wait unread (as uvicorn's, what one read brought is queued whole, so a slow app holds
+at most MAX_UNREAD messages and one read), and the messages wait in `Inbox`, which is
 asyncio.Queue less its per-call loop lookup (a getpid() per frame on Python 3.11).
+
+One control frame (a ping, say) hands the connection's parsing to websockets for good; Twilio's
+media streams send none.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import apply_mask  # compiled where websockets' speedups are built
 from websockets.protocol import State
-from websockets.speedups import apply_mask
 
 FIN_TEXT = 0x81
 FIN_BINARY = 0x82
@@ -106,7 +110,10 @@ class FastPathWebSocketProtocol(WebSocketsSansIOProtocol):
         # None: not decided yet (handshake under way); then True until websockets takes over.
         self._fast: bool | None = None
         self._fast_possible = True  # False once websockets' parser has seen bytes past the request
-        self._partial = b""  # the start of a frame whose rest has not arrived
+        # The start of a frame whose rest has not arrived, and how many bytes it must reach
+        # before it is worth parsing again (a frame trickled in byte by byte is copied once).
+        self._partial = bytearray()
+        self._need = 0
 
     def data_received(self, data: bytes) -> None:
         if self._fast is None:
@@ -125,22 +132,34 @@ class FastPathWebSocketProtocol(WebSocketsSansIOProtocol):
             self._to_websockets(data)
 
     def _before_handshake(self, data: bytes) -> None:
+        # uvicorn's HTTP protocol hands over the upgrade request alone; bytes after it (frames
+        # a client sent before our 101) come in later calls. websockets parses frames straight
+        # after the request, so once it has had any, it may be inside a frame and must go on.
         initiated = self.handshake_initiated
         super().data_received(data)
-        # websockets parses frames straight after the request; if it got any bytes past it,
-        # it may be inside a frame, and only it can go on parsing.
-        if initiated or (self.handshake_initiated and not data.endswith(b"\r\n\r\n")):
+        if initiated:
             self._fast_possible = False
 
     def _to_websockets(self, data: bytes) -> None:
         self._fast = False
         if self._partial:
-            data, self._partial = self._partial + data, b""
+            data = bytes(self._partial) + data
+            self._partial.clear()
         if data:
             super().data_received(data)
 
+    def _keep(self, buf: bytes, pos: int, need: int) -> None:
+        self._partial[:] = memoryview(buf)[pos:]
+        self._need = need
+
     def _receive_fast(self, data: bytes) -> None:
-        buf = self._partial + data if self._partial else data
+        if self._partial:
+            self._partial += data
+            if len(self._partial) < self._need:
+                return
+            data = bytes(self._partial)
+            self._partial.clear()
+        buf = data
         end, pos = len(buf), 0
         max_size = self.config.ws_max_size
         while end - pos >= 2:
@@ -151,7 +170,7 @@ class FastPathWebSocketProtocol(WebSocketsSansIOProtocol):
             start = pos + 6  # 2 header bytes and the 4-byte mask
             if length == LENGTH_16:
                 if end - pos < 4:
-                    self._partial = buf[pos:]
+                    self._keep(buf, pos, 4)
                     return
                 length = _U16.unpack_from(buf, pos + 2)[0]
                 start += 2
@@ -159,7 +178,7 @@ class FastPathWebSocketProtocol(WebSocketsSansIOProtocol):
                 break  # websockets closes with 1009
             stop = start + length
             if stop > end:
-                self._partial = buf[pos:]
+                self._keep(buf, pos, stop - pos)
                 return
             self.frames = [apply_mask(buf[start:stop], buf[start - 4 : start])]
             self.curr_msg_data_type = "text" if first == FIN_TEXT else "bytes"
@@ -168,9 +187,9 @@ class FastPathWebSocketProtocol(WebSocketsSansIOProtocol):
             if self.close_sent or self.conn.state is not State.OPEN:  # e.g. 1007, invalid UTF-8
                 break
         else:
-            self._partial = buf[pos:] if pos < end else b""
+            if pos < end:
+                self._keep(buf, pos, 2)
             return
-        self._partial = b""
         self._to_websockets(buf[pos:])
 
     def send_receive_event_to_app(self) -> None:
