@@ -30,7 +30,7 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.app import BareASGI
+from gateway.asgi import BareASGI
 from gateway.sandbox.servers import tune_gc, uvicorn_config
 
 TWIML = (

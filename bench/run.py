@@ -518,7 +518,8 @@ async def ramps(h: Harness, kinds: list[str], steps: list[int]) -> dict[str, dic
         ramping = list(kinds)
         for n in steps:
             for window in range(1, args.repeat + 1):
-                for kind in ramping:
+                # alternate who goes first, so neither always follows the other's hang-ups
+                for kind in ramping if window % 2 else ramping[::-1]:
                     server, result = servers[kind], results[kind]
                     print(f"[{kind}] N={n}: starting {n} calls ...", flush=True)
                     added = await h.load.add_calls(server.url, server.auth_token, n, args.stagger)

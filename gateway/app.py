@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket
 
 from gateway import control, outbound
 from gateway.agents.cartesia import AgentConfig, CartesiaAgent, agent_http_session
+from gateway.asgi import BareASGI
 from gateway.call_events import CallEvents
 from gateway.carriers import twilio
 from gateway.carriers.twilio_media import TwilioMediaLeg, wait_for_start
@@ -670,17 +671,6 @@ def route_for(routes: Mapping[str, dict[str, Any]], called: str) -> dict[str, An
         if key in routes:
             return routes[key]
     return {}
-
-
-class BareASGI:
-    """A bound `async (scope, receive, send)` method as a route's ASGI app: Starlette wraps
-    plain functions and methods in a WebSocket session of its own."""
-
-    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self._handler = handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._handler(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, registry: SessionRegistry | None = None) -> Starlette:

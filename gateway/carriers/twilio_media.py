@@ -1,8 +1,9 @@
 """The caller's leg over a Twilio Media Streams socket.
 
-The handshake and `start` go through Starlette's WebSocket; the call's frames then go straight
-through the server's ASGI `receive` and `send`, without Starlette's per-message layers (its
-state checks and wrapped `send`), since they run 100 times a second per call.
+The handshake and `start` go through Starlette's WebSocket; the call's frames then go through
+the ASGI `receive` and `send` the route was called with (uvicorn's, and Starlette's exception
+middleware's thin `send` wrapper), skipping the WebSocket object's per-message state checks and
+its session wrapper, since they run 100 times a second per call.
 """
 
 from __future__ import annotations
