@@ -21,6 +21,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
+from test_call import wait_until
 from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
@@ -57,6 +58,23 @@ class RawClient:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proto: ClientProtocol):
         self.reader, self.writer, self.proto = reader, writer, proto
+
+    @classmethod
+    async def open(cls, ws_url: str, extra_after_request: bytes = b"") -> RawClient:
+        """Connect and complete the opening handshake (`extra_after_request`: bytes sent with
+        the request, before the 101)."""
+        uri = parse_uri(ws_url)
+        reader, writer = await asyncio.open_connection(uri.host, uri.port)
+        proto = ClientProtocol(uri, max_size=None)
+        proto.send_request(proto.connect())
+        writer.write(b"".join(proto.data_to_send()) + extra_after_request)
+        async with asyncio.timeout(5):
+            while proto.handshake_exc is None and not any(
+                isinstance(e, Response) for e in proto.events_received()
+            ):
+                proto.receive_data(await reader.read(65536))
+        assert proto.handshake_exc is None
+        return cls(reader, writer, proto)
 
     def frame_bytes(self, message: str | bytes) -> bytes:
         if isinstance(message, str):
@@ -120,24 +138,13 @@ async def connected(
     echo = Echo()
     app = Starlette(routes=[WebSocketRoute("/ws", echo.endpoint)])
     async with serve(app, ws=protocol, **server) as origin:
-        uri = parse_uri(origin.replace("http://", "ws://") + "/ws")
-        reader, writer = await asyncio.open_connection(uri.host, uri.port)
-        proto = ClientProtocol(uri, max_size=None)
-        proto.send_request(proto.connect())
-        writer.write(b"".join(proto.data_to_send()) + extra_after_request)
-        async with asyncio.timeout(5):
-            while proto.handshake_exc is None and not any(
-                isinstance(e, Response) for e in proto.events_received()
-            ):
-                proto.receive_data(await reader.read(65536))
-        assert proto.handshake_exc is None
-        client = RawClient(reader, writer, proto)
+        client = await RawClient.open(origin.replace("http://", "ws://") + "/ws", extra_after_request)
         try:
             yield echo, client
         finally:
-            writer.close()
+            client.writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await client.writer.wait_closed()
 
 
 def random_messages(rng: random.Random, count: int) -> list[str | bytes]:
@@ -329,14 +336,8 @@ async def test_an_app_that_stops_reading_pauses_the_socket_and_loses_nothing() -
         await send({"type": "websocket.send", "text": "done"})
 
     async with serve(app, lifespan="off") as origin:
-        uri = parse_uri(origin.replace("http://", "ws://") + "/")
-        reader, writer = await asyncio.open_connection(uri.host, uri.port)
-        proto = ClientProtocol(uri, max_size=None)
-        proto.send_request(proto.connect())
-        writer.write(b"".join(proto.data_to_send()))
-        while not any(isinstance(e, Response) for e in proto.events_received()):
-            proto.receive_data(await reader.read(65536))
-        client = RawClient(reader, writer, proto)
+        client = await RawClient.open(origin.replace("http://", "ws://") + "/")
+        writer = client.writer
         sent = [f"{i:05d}" + "a" * 300 for i in range(5000)]
         writer.write(b"".join(client.frame_bytes(m) for m in sent))
         with contextlib.suppress(TimeoutError):
@@ -380,19 +381,11 @@ async def test_data_frames_take_the_fast_path_until_a_control_frame() -> None:
         await send({"type": "websocket.send", "text": "done"})
 
     async with serve(app, lifespan="off") as origin:
-        uri = parse_uri(origin.replace("http://", "ws://") + "/")
-        reader, writer = await asyncio.open_connection(uri.host, uri.port)
-        proto = ClientProtocol(uri, max_size=None)
-        proto.send_request(proto.connect())
-        writer.write(b"".join(proto.data_to_send()))
-        while not any(isinstance(e, Response) for e in proto.events_received()):
-            proto.receive_data(await reader.read(65536))
-        client = RawClient(reader, writer, proto)
+        client = await RawClient.open(origin.replace("http://", "ws://") + "/")
+        writer, proto = client.writer, client.proto
         for text in ("one", "two"):
             writer.write(client.frame_bytes(text))
-            async with asyncio.timeout(5):
-                while text not in got:  # noqa: ASYNC110 (the app runs in this loop)
-                    await asyncio.sleep(0.01)
+            await wait_until(lambda text=text: text in got)
         proto.send_ping(b"hi")
         writer.write(b"".join(proto.data_to_send()))
         for text in ("three", "four"):
