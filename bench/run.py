@@ -599,9 +599,10 @@ def by_calls(steps: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     runs = results.get("load", {})
+    at_n = {kind: by_calls(run["steps"]) for kind, run in runs.items()}
     summary: dict[str, Any] = {}
     for kind, run in runs.items():
-        passed = [n for n, g in by_calls(run["steps"]).items() if g["passed"]]
+        passed = [n for n, g in at_n[kind].items() if g["passed"]]
         summary[f"{kind}_max_calls"] = max(passed) if passed else 0
         steps = run["steps"]
         if steps and steps[0]["calls"] != steps[-1]["calls"]:
@@ -620,7 +621,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             summary[f"{kind}_ttfa_idle_p50_ms"] = idle["total"]["p50"]
             summary[f"{kind}_agent_socket_open_p50_ms"] = idle["agent_socket_open"]["p50"]
     if "gateway" in runs and "floor" in runs:
-        gateway_at, floor_at = by_calls(runs["gateway"]["steps"]), by_calls(runs["floor"]["steps"])
+        gateway_at, floor_at = at_n["gateway"], at_n["floor"]
         ratios = {}
         for n, g in gateway_at.items():
             f = floor_at.get(n)
@@ -635,7 +636,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             summary["agent_socket_open_added_ms"] = round(g - f, 2)
     targets = {}
     if "gateway_max_calls" in summary:
-        gateway_at = by_calls(runs["gateway"]["steps"])
+        gateway_at = at_n["gateway"]
         failed_below = any(not g["passed"] and n <= TARGET_CALLS for n, g in gateway_at.items())
         met = True if summary["gateway_max_calls"] >= TARGET_CALLS else (False if failed_below else None)
         targets["calls_per_core"] = {
@@ -647,7 +648,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     if ratios:
         # at the target load if both servers were measured there, else at the most calls both
         # carried passing (a saturated server's CPU per call says little), else the most measured
-        gateway_at, floor_at = by_calls(runs["gateway"]["steps"]), by_calls(runs["floor"]["steps"])
+        gateway_at, floor_at = at_n["gateway"], at_n["floor"]
         both_passed = [n for n, g in gateway_at.items() if g["passed"] and floor_at.get(n, {}).get("passed")]
         at = TARGET_CALLS if TARGET_CALLS in ratios else max(both_passed or ratios)
         targets["cpu_vs_floor"] = {
