@@ -98,7 +98,7 @@ def per_await_us(make: Callable[[], Any], number: int, repeat: int = 5) -> float
 def gateway_codec(number: int) -> dict[str, Any]:
     from gateway.agents import cartesia
     from gateway.audio import DownlinkConverter
-    from gateway.carriers import twilio
+    from gateway.carriers.twilio import codec
 
     up_text = twilio_media_text(_ulaw_frame())
     down_text = agent_media_text(_ulaw_frame())
@@ -106,12 +106,12 @@ def gateway_codec(number: int) -> dict[str, Any]:
     down_pcm_text = agent_media_text(pcm16k)
 
     def uplink() -> str:
-        event = twilio.parse_frame(up_text)
+        event = codec.parse_frame(up_text)
         return cartesia.media_input_frame(CALL_SID, event.payload)  # type: ignore[union-attr]
 
     def downlink() -> str:
         event = cartesia.parse_frame(down_text)
-        return twilio.media_frame(STREAM_SID, event.payload)  # type: ignore[union-attr]
+        return codec.media_frame(STREAM_SID, event.payload)  # type: ignore[union-attr]
 
     converter = DownlinkConverter("pcm_16000")
 
@@ -119,7 +119,7 @@ def gateway_codec(number: int) -> dict[str, Any]:
         # what the gateway does per frame for an agent speaking pcm_16000 (session._play)
         event = cartesia.parse_frame(down_pcm_text)
         mulaw = converter.convert(cartesia.decode_payload(event.payload))  # type: ignore[union-attr]
-        return twilio.media_frame(STREAM_SID, base64.b64encode(mulaw).decode())
+        return codec.media_frame(STREAM_SID, base64.b64encode(mulaw).decode())
 
     assert '"media_input"' in uplink() and '"media"' in downlink()
     return {

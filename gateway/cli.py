@@ -14,8 +14,9 @@ from pathlib import Path
 import uvicorn
 
 from gateway import logging as gateway_logging
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.sandbox.servers import tune_gc, uvicorn_config
+from gateway.services import Gateway
 from gateway.settings import Settings, SettingsError
 
 
@@ -75,10 +76,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 async def _simulate_call(args: argparse.Namespace) -> int:
-    from gateway.audio import detect_dtmf, pcm16_to_ulaw, tone_pcm16
+    from gateway.audio import pcm16_to_ulaw, tone_pcm16
+    from gateway.dtmf import detect_dtmf
     from gateway.sandbox.agent import AgentBehaviour
-    from gateway.sandbox.caller import CallScript, wav_to_mulaw
     from gateway.sandbox.harness import sandbox
+    from gateway.sandbox.script import CallScript, wav_to_mulaw
 
     behaviour = AgentBehaviour(output_format=args.output_format, greeting_s=2.0)
     # The caller talks over the greeting (barge-in), asks the agent for DTMF with '*',

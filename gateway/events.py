@@ -9,9 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 
 class ProtocolError(ValueError):
     """A frame that breaks its protocol; the message says how. The call goes on."""
+
+
+def json_object(text: str | bytes) -> dict[str, Any]:
+    """A frame's JSON object (both protocols frame their events so); ProtocolError otherwise."""
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"invalid JSON: {exc}") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError("frame must be a JSON object")
+    return frame
 
 
 # Carrier leg (caller side)

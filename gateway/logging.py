@@ -102,3 +102,16 @@ def configure(
     logging.getLogger("websockets").setLevel(logging.WARNING)
     # uvicorn's WebSocket protocol logs frames at DEBUG, and `start` carries the session token.
     logging.getLogger("uvicorn.error").setLevel(max(numeric, logging.INFO))
+
+
+class LogThrottle:
+    """The first few of a kind in full, then every hundredth: a broken peer must not make
+    logging the bottleneck."""
+
+    def __init__(self, first: int = 5, every: int = 100) -> None:
+        self.count = 0
+        self._first, self._every = first, every
+
+    def allow(self) -> bool:
+        self.count += 1
+        return self.count <= self._first or self.count % self._every == 0

@@ -18,6 +18,7 @@ of the call.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import warnings
@@ -36,7 +37,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from pydub import AudioSegment
 
-__all__ = ["GAP_TOLERANCE_S", "MAX_RECORDING_S", "CallRecorder", "recording_path"]
+__all__ = ["GAP_TOLERANCE_S", "MAX_RECORDING_S", "CallRecorder", "recording_path", "save_recording"]
 
 log = structlog.get_logger(__name__)
 
@@ -198,3 +199,15 @@ def recording_path(directory: str | Path, call_sid: str) -> Path:
     if not (call_sid.isascii() and call_sid.isalnum()):
         raise ValueError(f"call_sid must be ASCII letters and digits, got {call_sid!r}")
     return Path(directory) / f"{call_sid}.wav"
+
+
+async def save_recording(recorder: CallRecorder, directory: str | Path, call_sid: str) -> Path:
+    """Write the call's WAV to ``<directory>/<call_sid>.wav``, or ``<call_sid>-2.wav`` and on
+    when a later agent session of the same call (after a transfer) already wrote one."""
+    path = recording_path(directory, call_sid)
+    serial = 1
+    while path.exists():
+        serial += 1
+        path = path.with_name(f"{call_sid}-{serial}.wav")
+    # pydub writes synchronously; a long call's WAV must not stall other calls.
+    return await asyncio.to_thread(recorder.write_wav, path)

@@ -10,24 +10,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.audio import (
-    DTMF_FREQS,
-    DTMF_GAP_MS,
-    DTMF_PAUSE_MS,
-    DTMF_TONE_MS,
     FRAME_MS,
     MULAW_FRAME_BYTES,
     OUTPUT_FORMATS,
     SAMPLE_RATE_TELEPHONY,
     AudioFormatError,
     DownlinkConverter,
-    detect_dtmf,
-    dtmf_mulaw,
-    dtmf_pcm16,
     mulaw_duration_s,
     pcm16_to_ulaw,
     rms_dbfs,
     tone_pcm16,
     ulaw_to_pcm16,
+)
+from gateway.dtmf import (
+    DTMF_FREQS,
+    DTMF_GAP_MS,
+    DTMF_PAUSE_MS,
+    DTMF_TONE_MS,
+    detect_dtmf,
+    dtmf_mulaw,
+    dtmf_pcm16,
 )
 
 MULAW_MAX = 32124  # largest magnitude mu-law can represent in 16-bit scale

@@ -19,10 +19,11 @@ import pytest
 from aiohttp import WSMsgType, web
 from test_call import dominant_hz, frames, loud
 
-from gateway.audio import detect_dtmf, pcm16_to_ulaw, tone_pcm16
+from gateway.audio import pcm16_to_ulaw, tone_pcm16
+from gateway.dtmf import detect_dtmf
 from gateway.sandbox.agent import GOODBYE_HZ, GREETING_HZ, AgentBehaviour
-from gateway.sandbox.caller import CallScript
 from gateway.sandbox.harness import sandbox
+from gateway.sandbox.script import CallScript
 from gateway.sandbox.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,9 +84,9 @@ async def test_barge_in_with_a_pcm_agent_voids_playback_and_silences_the_old_utt
         sent_before = 0.0
         async with asyncio.timeout(3):
             while call.clears == 0:
-                sent_before = max(sent_before, session.playback.sent_s)
+                sent_before = max(sent_before, session.playout.playback.sent_s)
                 await asyncio.sleep(0.005)
-        sent_after = session.playback.sent_s  # the caller has just seen the clear
+        sent_after = session.playout.playback.sent_s  # the caller has just seen the clear
         await runner
         agent_call = await box.agent.wait_for_call()
     assert agent_call.clears_sent == 1
@@ -230,7 +231,7 @@ async def test_the_gateway_pings_a_silent_agent(monkeypatch):
     monkeypatch.setattr("gateway.agents.cartesia.PING_INTERVAL_S", 0.3)
     # Pings go out from the session's watchdog, which looks once a second; look more often so
     # that the 0.3 s interval shows.
-    monkeypatch.setattr("gateway.session.WATCH_EVERY_S", 0.1)
+    monkeypatch.setattr("gateway.call.watchdog.WATCH_EVERY_S", 0.1)
     agent = SilentPingAgent()
     app = web.Application()
     app.router.add_get("/agents/stream/{agent_id}", agent.handle)

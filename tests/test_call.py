@@ -9,10 +9,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from gateway.audio import detect_dtmf, pcm16_to_ulaw, rms_dbfs, tone_pcm16, ulaw_to_pcm16
+from gateway.audio import pcm16_to_ulaw, rms_dbfs, tone_pcm16, ulaw_to_pcm16
+from gateway.dtmf import detect_dtmf
 from gateway.sandbox.agent import GOODBYE_HZ, GREETING_HZ, AgentBehaviour
-from gateway.sandbox.caller import CallScript
 from gateway.sandbox.harness import sandbox
+from gateway.sandbox.script import CallScript
 
 FRAME = 160
 
@@ -146,7 +147,7 @@ async def test_an_ended_call_is_freed_at_once_not_left_to_the_garbage_collector(
             gateway = gateway_of(box)
             await wait_until(lambda: getattr(gateway.sessions.get(call.call_sid), "state", "") == "live")
             live = gateway.sessions[call.call_sid]
-            refs = [weakref.ref(obj) for obj in (live, live._carrier, live._agent)]
+            refs = [weakref.ref(obj) for obj in (live, live.carrier, live.agent_socket, live.playout)]
             del live
             await call.run(CallScript(hangup_at=0.5))
             await wait_until(lambda: not gateway.sessions)
@@ -340,7 +341,7 @@ async def test_an_oversized_unsigned_webhook_is_refused_without_buffering_it():
 
 
 async def test_a_silent_twilio_socket_ends_the_call(monkeypatch):
-    from gateway.carriers.twilio_media import TwilioMediaLeg
+    from gateway.carriers.twilio.media_leg import TwilioMediaLeg
 
     monkeypatch.setattr(TwilioMediaLeg, "silent_after_s", 0.5)
     async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:

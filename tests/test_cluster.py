@@ -15,11 +15,12 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.audio import detect_dtmf
+from gateway.dtmf import detect_dtmf
 from gateway.registry.redis import RedisRegistry
 from gateway.sandbox.agent import AgentBehaviour, AgentEmulator
-from gateway.sandbox.caller import CallScript, SimulatedCall
+from gateway.sandbox.caller import SimulatedCall
 from gateway.sandbox.harness import ACCOUNT_SID, sandbox
+from gateway.sandbox.script import CallScript
 from gateway.sandbox.servers import free_port, serve
 from gateway.sandbox.twilio_rest_fake import TwilioRestFake
 from tests.redis_server import RedisServer

@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
 from gateway.agents import cartesia
-from gateway.carriers import twilio
+from gateway.call.playout import MARK_EVERY_S, Playback
+from gateway.carriers.twilio import codec, signatures
+from gateway.carriers.twilio import twiml as twiml_builders
 from gateway.events import (
     AgentAudio,
     AgentClear,
@@ -26,7 +28,6 @@ from gateway.events import (
     StreamStarted,
     StreamStopped,
 )
-from gateway.session import MARK_EVERY_S, Playback
 
 START = {
     "event": "start",
@@ -44,17 +45,15 @@ START = {
 
 
 def test_twilio_frames_parse_to_events():
-    assert (
-        twilio.parse_frame('{"event":"connected","protocol":"Call","version":"1.0.0"}') == StreamConnected()
-    )
-    assert twilio.parse_frame(orjson.dumps(START)) == StreamStarted("MZ1", "CA1", {"session": "tok"})
+    assert codec.parse_frame('{"event":"connected","protocol":"Call","version":"1.0.0"}') == StreamConnected()
+    assert codec.parse_frame(orjson.dumps(START)) == StreamStarted("MZ1", "CA1", {"session": "tok"})
     media = {"event": "media", "media": {"track": "inbound", "payload": "//8="}}
-    assert twilio.parse_frame(orjson.dumps(media)) == CallerAudio("//8=")
-    assert twilio.parse_frame('{"event":"dtmf","dtmf":{"track":"inbound_track","digit":"#"}}') == CallerDtmf(
+    assert codec.parse_frame(orjson.dumps(media)) == CallerAudio("//8=")
+    assert codec.parse_frame('{"event":"dtmf","dtmf":{"track":"inbound_track","digit":"#"}}') == CallerDtmf(
         "#"
     )
-    assert twilio.parse_frame('{"event":"mark","mark":{"name":"m3"}}') == PlaybackMark("m3")
-    assert twilio.parse_frame('{"event":"stop","stop":{}}') == StreamStopped()
+    assert codec.parse_frame('{"event":"mark","mark":{"name":"m3"}}') == PlaybackMark("m3")
+    assert codec.parse_frame('{"event":"stop","stop":{}}') == StreamStopped()
 
 
 @pytest.mark.parametrize(
@@ -70,67 +69,67 @@ def test_twilio_frames_parse_to_events():
         ('{"event":"start","start":{"streamSid":"MZ\\"1","callSid":"CA1"}}', "alphanumeric"),
         ('{"event":"teleport"}', "unknown event 'teleport'"),
         ('{"event":7}', "'event' must be a string"),
-        ("x" * (twilio.MAX_FRAME_BYTES + 1), "exceeds"),
+        ("x" * (codec.MAX_FRAME_BYTES + 1), "exceeds"),
     ],
 )
 def test_malformed_twilio_frames_are_rejected_with_a_clear_error(frame, message):
     with pytest.raises(ProtocolError, match=message):
-        twilio.parse_frame(frame)
+        codec.parse_frame(frame)
 
 
 @given(st.binary(min_size=1, max_size=400), st.text("ABCDEFabcdef0123456789", min_size=1, max_size=34))
 def test_outbound_twilio_frames_are_valid_json_that_round_trips(audio, sid):
     payload = base64.b64encode(audio).decode()
-    assert orjson.loads(twilio.media_frame(sid, payload)) == {
+    assert orjson.loads(codec.media_frame(sid, payload)) == {
         "event": "media",
         "streamSid": sid,
         "media": {"payload": payload},
     }
-    assert orjson.loads(twilio.mark_frame(sid, "m1")) == {
+    assert orjson.loads(codec.mark_frame(sid, "m1")) == {
         "event": "mark",
         "streamSid": sid,
         "mark": {"name": "m1"},
     }
-    assert orjson.loads(twilio.clear_frame(sid)) == {"event": "clear", "streamSid": sid}
+    assert orjson.loads(codec.clear_frame(sid)) == {"event": "clear", "streamSid": sid}
     media = {"event": "media", "media": {"payload": payload}}
-    assert twilio.parse_frame(orjson.dumps(media)) == CallerAudio(payload)
+    assert codec.parse_frame(orjson.dumps(media)) == CallerAudio(payload)
 
 
 def test_stream_url_swaps_the_scheme_and_drops_the_query():
-    assert twilio.stream_url("https://gw.example.com") == "wss://gw.example.com/twilio/media"
-    assert twilio.stream_url("http://127.0.0.1:8080/") == "ws://127.0.0.1:8080/twilio/media"
+    assert codec.stream_url("https://gw.example.com") == "wss://gw.example.com/twilio/media"
+    assert codec.stream_url("http://127.0.0.1:8080/") == "ws://127.0.0.1:8080/twilio/media"
     with pytest.raises(ValueError):
-        twilio.stream_url("ftp://x")
+        codec.stream_url("ftp://x")
 
 
 def test_connect_twiml_streams_both_ways_with_the_session_parameter_then_hangs_up():
-    twiml = twilio.connect_stream_twiml("wss://gw/twilio/media", {"session": "abc"})
+    twiml = twiml_builders.connect_stream_twiml("wss://gw/twilio/media", {"session": "abc"})
     assert '<Connect><Stream url="wss://gw/twilio/media"><Parameter name="session" value="abc" />' in twiml
     assert twiml.index("</Connect>") < twiml.index("<Hangup />")
     assert "<Start>" not in twiml
 
 
 def test_dial_twiml_for_numbers_and_sip_uris_with_headers():
-    number = twilio.dial_twiml("+15551234567", "+15550000000")
+    number = twiml_builders.dial_twiml("+15551234567", "+15550000000")
     assert (
         '<Dial answerOnBridge="true" callerId="+15550000000" timeout="30"><Number>+15551234567</Number>'
         in number
     )
-    sip = twilio.dial_twiml("sip:alice@pbx.example.com", "+1555", headers={"X-Case": "42 a&b"})
+    sip = twiml_builders.dial_twiml("sip:alice@pbx.example.com", "+1555", headers={"X-Case": "42 a&b"})
     assert "<Sip>sip:alice@pbx.example.com?X-Case=42%20a%26amp%3Bb</Sip>" in sip or (
         "<Sip>sip:alice@pbx.example.com?X-Case=42%20a%26b</Sip>" in sip
     )
 
 
 def test_signature_checker_uses_twilios_validator():
-    checker = twilio.SignatureChecker("secret-token")
+    checker = signatures.SignatureChecker("secret-token")
     url, params = "https://gw.example.com/twilio/voice?agent=a1", {"CallSid": "CA1", "From": "+1"}
     good = RequestValidator("secret-token").compute_signature(url, params)
     assert checker.valid(url, params, good)
     assert not checker.valid(url, {**params, "From": "+2"}, good)
     assert not checker.valid(url, params, None)
-    assert not twilio.SignatureChecker("").valid(url, params, good)
-    assert twilio.SignatureChecker("", enabled=False).valid(url, params, None)
+    assert not signatures.SignatureChecker("").valid(url, params, good)
+    assert signatures.SignatureChecker("", enabled=False).valid(url, params, None)
 
 
 def test_agent_frames_parse_to_events():

@@ -4,10 +4,10 @@ import asyncio
 
 import aiohttp
 
-from gateway.audio import detect_dtmf
+from gateway.dtmf import detect_dtmf
 from gateway.sandbox.agent import AgentBehaviour
-from gateway.sandbox.caller import CallScript
 from gateway.sandbox.harness import sandbox
+from gateway.sandbox.script import CallScript
 
 ALLOW = ("+1555*", "sip:*@pbx.example.com")
 
@@ -318,7 +318,7 @@ async def test_no_token_or_control_url_reaches_a_log_line(captured_logs):
 
 
 def test_transfer_allow_list_matches_the_host_twilio_dials():
-    from gateway.control import TransferPolicy, is_sip_uri
+    from gateway.control.policy import TransferPolicy, is_sip_uri
 
     policy = TransferPolicy(default_to="+15550001111", allow=("sip:*@pbx.example.com", "+1555*"))
     assert policy.allows("+15550001111")

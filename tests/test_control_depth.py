@@ -6,10 +6,12 @@ import base64
 
 import aiohttp
 
-from gateway.audio import MULAW_FRAME_BYTES, detect_dtmf
+from gateway.audio import MULAW_FRAME_BYTES
+from gateway.dtmf import detect_dtmf
 from gateway.sandbox.agent import AgentBehaviour
-from gateway.sandbox.caller import FRAME_S, SILENCE, CallScript, SimulatedCall
+from gateway.sandbox.caller import FRAME_S, SILENCE, SimulatedCall
 from gateway.sandbox.harness import sandbox
+from gateway.sandbox.script import CallScript
 
 ALLOW = ("+1555*", "sip:*@pbx.example.com")
 TRANSFER_TO = "+15551234567"

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 
 from gateway.sandbox.agent import AgentBehaviour
-from gateway.sandbox.caller import CallScript
 from gateway.sandbox.harness import ACCOUNT_SID, sandbox
+from gateway.sandbox.script import CallScript
 from gateway.sandbox.servers import free_port
 from gateway.sandbox.twilio_rest_fake import AutoProgress, TwilioRestFake
 from tests.loadbalancer import LoadBalancer

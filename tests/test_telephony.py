@@ -17,8 +17,8 @@ from starlette.routing import Route
 from gateway.audio import pcm16_to_ulaw, tone_pcm16
 from gateway.call_events import SIGNATURE_HEADER, verify
 from gateway.sandbox.agent import GREETING_HZ, AgentBehaviour
-from gateway.sandbox.caller import CallScript
 from gateway.sandbox.harness import sandbox
+from gateway.sandbox.script import CallScript
 from gateway.sandbox.servers import serve
 from gateway.settings import Settings
 

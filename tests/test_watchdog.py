@@ -20,14 +20,15 @@ import orjson
 import pytest
 from aiohttp import web
 
+from gateway.call.session import Session
+from gateway.call.states import State
 from gateway.events import AgentAudio, CallerAudio
 from gateway.liveness import Liveness
 from gateway.registry.base import CallRecord
 from gateway.registry.memory import MemoryRegistry
-from gateway.sandbox.caller import CallScript
 from gateway.sandbox.harness import sandbox
+from gateway.sandbox.script import CallScript
 from gateway.sandbox.servers import free_port
-from gateway.session import Session, State
 
 SILENCE_B64 = "/" * 216  # 160 bytes of mu-law silence (0xFF), base64
 
@@ -110,7 +111,7 @@ class Control:
 
 @pytest.fixture(autouse=True)
 def fast_watch(monkeypatch):
-    monkeypatch.setattr("gateway.session.WATCH_EVERY_S", 0.05)
+    monkeypatch.setattr("gateway.call.watchdog.WATCH_EVERY_S", 0.05)
 
 
 async def run_call(carrier: Leg, agent: Leg) -> tuple[Session, Control, MemoryRegistry]:

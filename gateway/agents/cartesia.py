@@ -30,6 +30,7 @@ from gateway.events import (
     AgentTransfer,
     AgentUnknown,
     ProtocolError,
+    json_object,
 )
 from gateway.liveness import Liveness
 
@@ -120,12 +121,7 @@ def _transfer_target(frame: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def parse_frame(text: str | bytes) -> AgentEvent:
     """Decode one frame from the agent; ProtocolError for anything malformed."""
-    try:
-        frame = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"invalid JSON: {exc}") from None
-    if not isinstance(frame, dict):
-        raise ProtocolError("frame must be a JSON object")
+    frame = json_object(text)
     event = frame.get("event")
     if event == "media_output":
         media = frame.get("media")

@@ -14,7 +14,10 @@ from typing import Any
 # is refreshed by its owner's heartbeat, so it outlives its TTL only while the owner is alive.
 RINGING_TTL_S = 120
 LIVE_TTL_S = 6 * 3600
-# Liveness: heartbeat at least every 2 s; an instance silent for 6 s is gone (DESIGN.md).
+# A transferred call's record outlives its session this long, for the transfer's outcome (a
+# transfer nobody takes brings the caller back to an agent with the call's metadata).
+TRANSFERRED_TTL_S = 3600
+# Liveness: heartbeat at least every 2 s; an instance silent for 6 s is gone.
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 6.0
 # How long a control request waits for the owning instance's reply.

@@ -51,6 +51,10 @@ class AgentBehaviour:
     transfer_target: str = "+15550001111"
     close_after_transfer: bool = False  # like Line's own transfer tool: the agent side ends
     end_call_tool_digit: str = "7"  # a tool POSTs {"action":"end_call"} to the control URL
+    transfer_tool_digit: str = "9"  # a tool POSTs {"action":"transfer_call"} to transfer_target
+    # After a tool's POST, close the socket this long later (as Line's runtime does once its
+    # end-call or transfer tool has run); None: keep it open until the gateway closes it.
+    close_after_tool_s: float | None = None
     send_custom: bool = True
     ack_delay_s: float = 0.0
     refuse_status: int = 0  # answer the upgrade with this HTTP status instead
@@ -76,8 +80,12 @@ class AgentCall:
     clears_sent: int = 0
     control_replies: list[tuple[int, Any]] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Tools run beside the socket's reader, as a real agent's do: a reader blocked on a tool
+    # would stop reading, and a close frame from the gateway would wait behind unread audio.
+    tools: set[asyncio.Task[None]] = field(default_factory=set)
     close_code: int | None = None
     close_reason: str | None = None
+    hung_up_at: float | None = None  # when the agent closed the socket itself (monotonic)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -151,6 +159,8 @@ class AgentEmulator:
             pass
         finally:
             await talk.stop()
+            if call.tools:
+                await asyncio.wait(call.tools, timeout=5)
             call.close_code, call.close_reason = ws.close_code, ws.close_reason
             call.closed.set()
 
@@ -195,11 +205,29 @@ class AgentEmulator:
             if b.close_after_transfer:
                 await ws.close(1000, "call ended by agent")
         elif digit == b.end_call_tool_digit:
-            # What a tool written for the hosted connector does: POST to the control URL.
-            url = call.metadata.get("vox_session_control_url", "")
-            await talk.send_all(GOODBYE_HZ, b.goodbye_s)
-            async with aiohttp.ClientSession() as http, http.post(url, json={"action": "end_call"}) as resp:
-                call.control_replies.append((resp.status, await resp.json()))
+            self._run_tool(ws, call, talk, {"action": "end_call"})
+        elif digit == b.transfer_tool_digit:
+            self._run_tool(ws, call, talk, {"action": "transfer_call", "to": b.transfer_target})
+
+    def _run_tool(self, ws: ServerConnection, call: AgentCall, talk: _Talker, body: dict[str, Any]) -> None:
+        task = asyncio.create_task(self._use_tool(ws, call, talk, body))
+        call.tools.add(task)
+        task.add_done_callback(call.tools.discard)
+
+    async def _use_tool(
+        self, ws: ServerConnection, call: AgentCall, talk: _Talker, body: dict[str, Any]
+    ) -> None:
+        """What a tool written for the hosted connector does: say goodbye, then POST to the
+        control URL."""
+        url = call.metadata.get("vox_session_control_url", "")
+        await talk.send_all(GOODBYE_HZ, self.behaviour.goodbye_s)
+        async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
+            call.control_replies.append((resp.status, await resp.json()))
+        if self.behaviour.close_after_tool_s is not None:
+            await asyncio.sleep(self.behaviour.close_after_tool_s)
+            call.hung_up_at = time.monotonic()
+            with contextlib.suppress(ConnectionClosed):
+                await ws.close(1000, "call ended by agent")
 
 
 class _Talker:

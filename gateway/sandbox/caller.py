@@ -15,25 +15,22 @@ import contextlib
 import dataclasses
 import re
 import secrets
-import struct
 import time
-import warnings
 import wave
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
-import numpy as np
 import orjson
-import soxr
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.audio import MULAW_FRAME_BYTES, SAMPLE_RATE_TELEPHONY, pcm16_to_ulaw, ulaw_to_pcm16
+from gateway.audio import MULAW_FRAME_BYTES, SAMPLE_RATE_TELEPHONY, ulaw_to_pcm16
+from gateway.sandbox.script import CallScript, wav_to_mulaw
 
 SILENCE = b"\xff" * MULAW_FRAME_BYTES
 FRAME_S = 0.02
@@ -41,46 +38,6 @@ FRAME_S = 0.02
 
 def new_sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
-
-
-def wav_to_mulaw(path: str | Path) -> bytes:
-    """A WAV file of any rate, channel count and sample width as 8 kHz mono mu-law, the way
-    a Twilio caller's audio arrives. Channels are mixed down; the rate is converted with soxr
-    (anti-aliased), not by dropping samples."""
-    with warnings.catch_warnings():
-        # pydub warns at import when ffmpeg is missing; reading WAV does not need it.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from pydub import AudioSegment
-        from pydub.exceptions import CouldntDecodeError
-
-    data = Path(path).read_bytes()
-    try:
-        segment = AudioSegment(data)  # parses the WAV itself: no ffmpeg
-    except (CouldntDecodeError, struct.error, IndexError) as exc:
-        raise ValueError(f"not a PCM WAV file ({exc or type(exc).__name__})") from None
-    segment = segment.set_channels(1).set_sample_width(2)
-    samples = np.frombuffer(segment.raw_data, dtype="<i2")
-    if segment.frame_rate != SAMPLE_RATE_TELEPHONY and samples.size:
-        resampled = soxr.resample(samples, segment.frame_rate, SAMPLE_RATE_TELEPHONY, quality="HQ")
-        samples = np.clip(np.round(resampled), -32768, 32767).astype("<i2")
-    return pcm16_to_ulaw(samples.astype("<i2", copy=False).tobytes())
-
-
-@dataclass
-class CallScript:
-    """What the caller does: speaks `audio` (mu-law 8 kHz) from `speak_at`, presses keys.
-
-    `wav` names a WAV file (any rate, channels, width) to speak instead of `audio`; it is
-    converted to 8 kHz mono mu-law when the call runs.
-    """
-
-    audio: bytes = b""
-    speak_at: float = 0.0
-    wav: str | Path | None = None
-    dtmf: list[tuple[float, str]] = field(default_factory=list)
-    hangup_at: float | None = None
-    max_s: float = 30.0
 
 
 @dataclass

@@ -7,15 +7,15 @@ This is the session's `CallControl`: the session decides when; this module decid
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from urllib.parse import urlencode
 
 import structlog
 
-from gateway.carriers import twilio
-from gateway.carriers.twilio_rest import TwilioCalls
-from gateway.registry.base import SessionRegistry
-from gateway.session import TRANSFERRED_TTL_S, TransferPlan
+from gateway.call.actions import TransferPlan
+from gateway.carriers.twilio import streams, twiml
+from gateway.carriers.twilio.rest import TwilioCalls
+from gateway.registry.base import TRANSFERRED_TTL_S, SessionRegistry
 from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -25,7 +25,6 @@ NOT_TAKEN = frozenset({"busy", "no-answer", "failed", "canceled"})
 WARM_WHISPER_DEFAULT = "Incoming transfer from the voice agent."
 
 UrlBuilder = Callable[[str, str], str]  # (path, query) -> public URL
-Reconnect = Callable[[str, dict[str, str]], Awaitable[str | None]]  # (call_sid, why) -> TwiML
 
 
 def conference_name(call_sid: str) -> str:
@@ -39,13 +38,11 @@ class Transfers:
         registry: SessionRegistry,
         settings: Settings,
         url: UrlBuilder,
-        reconnect: Reconnect,
     ) -> None:
         self._calls = calls
         self._registry = registry
         self._settings = settings
         self._url = url
-        self._reconnect = reconnect
         self._ttl_s = TRANSFERRED_TTL_S
 
     async def hangup(self, call_sid: str) -> bool:
@@ -65,7 +62,7 @@ class Transfers:
             await self._warm(call_sid, plan)
             return
         action = self._url("/twilio/dial-action", urlencode({"to": plan.target, "mode": "blind"}))
-        twiml = twilio.dial_twiml(
+        dial = twiml.dial_twiml(
             plan.target,
             plan.caller_id,
             headers=plan.headers,
@@ -73,7 +70,7 @@ class Transfers:
             action_url=action,
             sip_credentials=self._sip_credentials(plan.target),
         )
-        await self._calls.redirect(call_sid, twiml)
+        await self._calls.redirect(call_sid, dial)
 
     async def _warm(self, call_sid: str, plan: TransferPlan) -> None:
         """The human is dialled first; only when Twilio has accepted that call is the caller put
@@ -88,7 +85,7 @@ class Transfers:
         # On both participants: Twilio may keep the conference's callback from whichever joins
         # first (the caller), and `human_joined` tells the two apart by CallSid.
         conference_events = self._url("/twilio/conference", query)
-        human = twilio.conference_twiml(
+        human = twiml.conference_twiml(
             name,
             starts_conference=True,
             whisper=plan.summary or WARM_WHISPER_DEFAULT,
@@ -97,7 +94,7 @@ class Transfers:
         target = plan.target
         extra: dict[str, str] = {}
         if target.lower().startswith("sip"):
-            target = twilio.sip_uri_with_headers(target, plan.headers)
+            target = twiml.sip_uri_with_headers(target, plan.headers)
             credentials = self._sip_credentials(plan.target)
             if credentials:
                 extra = {"sip_auth_username": credentials[0], "sip_auth_password": credentials[1]}
@@ -114,7 +111,7 @@ class Transfers:
         await self._note_transfer(
             call_sid, {"target": plan.target, "human_call_sid": human_sid, "joined": False}
         )
-        hold = twilio.conference_twiml(
+        hold = twiml.conference_twiml(
             name,
             starts_conference=False,
             wait_url=self._settings.transfer_hold_url,
@@ -168,14 +165,14 @@ class Transfers:
     async def after_dial(self, call_sid: str, status: str, destination: str) -> str:
         """TwiML for the caller once a blind transfer's `<Dial>` is over."""
         if status not in NOT_TAKEN:
-            return twilio.hangup_twiml()  # the human took the call and it is over now
+            return twiml.hangup_twiml()  # the human took the call and it is over now
         return await self._fallback_twiml(call_sid, status, destination)
 
     async def return_caller(self, call_sid: str, status: str, destination: str) -> None:
         """A warm transfer was not taken: take the caller off hold."""
-        twiml = await self._fallback_twiml(call_sid, status, destination)
+        answer = await self._fallback_twiml(call_sid, status, destination)
         try:
-            await self._calls.redirect(call_sid, twiml)
+            await self._calls.redirect(call_sid, answer)
         except Exception as exc:
             log.error("warm_transfer_return_failed", call_sid=call_sid, error=str(exc))
 
@@ -188,7 +185,8 @@ class Transfers:
             fallback=self._settings.transfer_fallback,
         )
         if self._settings.transfer_fallback == "agent":
-            twiml = await self._reconnect(call_sid, {"status": status, "destination": destination})
-            if twiml is not None:
-                return twiml
-        return twilio.say_and_hangup_twiml(self._settings.transfer_fallback_message)
+            why = {"status": status, "destination": destination}
+            answer = await streams.reconnect(self._registry, call_sid, why, self._settings.public_url)
+            if answer is not None:
+                return answer
+        return twiml.say_and_hangup_twiml(self._settings.transfer_fallback_message)

@@ -1,21 +1,20 @@
-"""The control API: parse, authorise, route and execute an agent's action on its call.
+"""The control API's requests: a body becomes an action for the call, or a clear refusal.
 
-Contract: DESIGN.md "Control API". When several errors apply, the first in this order wins:
-404, 429, 413, 400, 422, 403, 409 (then 503 from routing).
+When several errors apply, the first in this order wins: 404, 429, 413, 400, 422, 403, 409
+(then 503 from routing); docs/ARCHITECTURE.md has the whole path of a control POST.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from gateway.call.actions import ACTION_NAMES, Action, ActionRefused, EndCall, SendDtmf, TransferPlan
+from gateway.control.policy import TransferPolicy, is_e164, is_sip_uri, normalise_destination
 from gateway.registry.base import CallRecord
-from gateway.session import ActionRefused, EndCall, SendDtmf, TransferPlan
 
 MAX_BODY_BYTES = 16 * 1024
 RATE_LIMIT = 20  # requests per token ...
@@ -35,20 +34,8 @@ ACTIONS = {
 KNOWN_ACTIONS = ", ".join(sorted(ACTIONS))
 TARGET_FIELDS = ("to", "target", "target_phone_number", "phone_number", "sip_uri")
 
-_E164 = re.compile(r"\+[1-9]\d{6,14}")
-_PHONE_PUNCTUATION = re.compile(r"[\s\-().]")
-# sip:user@host[:port][;param[=value]]... Strict on purpose: no second '@' can hide anywhere,
-# so the host an allow-list pattern sees is the host Twilio dials.
-_SIP_URI = re.compile(
-    r"(?P<scheme>sips?):(?:(?P<user>[A-Za-z0-9_.!~*'()&=+$,%\-]+)@)?"
-    r"(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
-    r"(?:;[A-Za-z0-9_.\-]+(?:=[A-Za-z0-9_.\-]+)?)*",
-    re.I,
-)
 _SIP_HEADER_NAME = re.compile(r"X-[A-Za-z0-9\-]{1,64}", re.I)
 _DTMF = re.compile(r"[0-9*#wW]+")
-
-Action = EndCall | TransferPlan | SendDtmf
 
 
 def error(status: int, code: str, message: str) -> ActionRefused:
@@ -57,42 +44,6 @@ def error(status: int, code: str, message: str) -> ActionRefused:
 
 def error_body(exc: ActionRefused) -> dict[str, Any]:
     return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
-
-
-@dataclass(frozen=True, slots=True)
-class TransferPolicy:
-    """Where an agent may send a call: TRANSFER_TO, TRANSFER_ALLOW, TRANSFER_CALLER_ID."""
-
-    default_to: str = ""
-    allow: tuple[str, ...] = ()
-    caller_id: str = ""
-
-    def allows(self, target: str) -> bool:
-        if self.default_to and target == normalise_destination(self.default_to):
-            return True
-        # SIP targets are matched as scheme:user@host, parameters and port left out.
-        match = _SIP_URI.fullmatch(target)
-        if target.lower().startswith("sip") and match is None:
-            return False
-        if match is not None:
-            user = f"{match['user']}@" if match["user"] else ""
-            target = f"{match['scheme'].lower()}:{user}{match['host'].lower()}"
-        return any(fnmatch.fnmatchcase(target, pattern) for pattern in self.allow)
-
-
-def normalise_destination(value: str) -> str:
-    value = value.strip()
-    if value.lower().startswith(("sip:", "sips:")):
-        return value
-    return _PHONE_PUNCTUATION.sub("", value)
-
-
-def is_e164(value: str) -> bool:
-    return _E164.fullmatch(value) is not None
-
-
-def is_sip_uri(value: str) -> bool:
-    return _SIP_URI.fullmatch(value) is not None
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -204,9 +155,4 @@ def plan_transfer(record: CallRecord, payload: Mapping[str, Any], policy: Transf
 
 
 def ok_body(action: Action, call_sid: str) -> dict[str, Any]:
-    name = {EndCall: "end_call", TransferPlan: "call_transfer", SendDtmf: "send_dtmf"}[type(action)]
-    return {"ok": True, "action": name, "call_sid": call_sid}
-
-
-def dumps(body: Mapping[str, Any]) -> bytes:
-    return orjson.dumps(body)
+    return {"ok": True, "action": ACTION_NAMES[type(action)], "call_sid": call_sid}

@@ -17,7 +17,7 @@ import structlog
 from starlette.types import Receive, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from gateway.carriers import twilio
+from gateway.carriers.twilio import codec
 from gateway.events import CarrierEvent, ProtocolError, StreamStarted, StreamStopped
 from gateway.liveness import Liveness
 
@@ -59,7 +59,7 @@ async def wait_for_start(ws: WebSocket) -> StreamStarted | None:
                     text = await _receive(ws)
                     if text is None:
                         return None
-                    event = twilio.parse_frame(text)
+                    event = codec.parse_frame(text)
                 except ProtocolError as exc:
                     log.warning("carrier_frame_dropped", error=str(exc), phase="before_start")
                     continue
@@ -96,7 +96,7 @@ class TwilioMediaLeg:
                 text = message.get("text")
                 if text is None:
                     raise ProtocolError("binary frame on a Media Streams socket")
-                event = twilio.parse_frame(text)
+                event = codec.parse_frame(text)
             except ProtocolError as exc:
                 yield exc
                 continue
@@ -120,13 +120,13 @@ class TwilioMediaLeg:
             liveness.send_waiting_since = 0.0
 
     async def send_audio(self, payload_b64: str) -> None:
-        await self._send(twilio.media_frame(self.stream_sid, payload_b64))
+        await self._send(codec.media_frame(self.stream_sid, payload_b64))
 
     async def send_mark(self, name: str) -> None:
-        await self._send(twilio.mark_frame(self.stream_sid, name))
+        await self._send(codec.mark_frame(self.stream_sid, name))
 
     async def send_clear(self) -> None:
-        await self._send(twilio.clear_frame(self.stream_sid))
+        await self._send(codec.clear_frame(self.stream_sid))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._ws.application_state is WebSocketState.CONNECTED:

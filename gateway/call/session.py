@@ -1,0 +1,364 @@
+"""A call: its state machine and the bridge between the caller's leg and the agent's leg.
+
+One call is one task group (uplink, downlink, inbox, watchdog); whichever way the call ends,
+one `finally` closes both sockets and removes the registry entry. What the caller hears goes
+through the call's `Playout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from gateway.agents.cartesia import ended_by_agent
+from gateway.call.actions import Action, ActionRefused, EndCall, SendDtmf, TransferPlan, admit
+from gateway.call.bridge import Bridge, EventSink
+from gateway.call.legs import AgentLeg, CallControl, CarrierLeg
+from gateway.call.playout import Playout
+from gateway.call.states import FINAL, LEAVING, State, check_transition
+from gateway.call.watchdog import watch
+from gateway.events import AgentTransfer
+from gateway.recording import CallRecorder, save_recording
+from gateway.registry.base import LIVE_TTL_S, TRANSFERRED_TTL_S, CallRecord, SessionRegistry
+
+log = structlog.get_logger(__name__)
+
+# Control actions queued for the call; a full inbox answers "busy" rather than growing.
+INBOX_SIZE = 8
+# Closing a socket that does not answer is abandoned after this long.
+CLOSE_TIMEOUT_S = 2.0
+
+AgentOpener = Callable[[CallRecord], Awaitable[AgentLeg]]
+TransferPlanner = Callable[[CallRecord, dict[str, Any]], TransferPlan]
+
+
+def _no_events(*_args: Any, **_kwargs: Any) -> None:
+    pass
+
+
+class Session:
+    """One live call on this instance."""
+
+    def __init__(
+        self,
+        record: CallRecord,
+        *,
+        registry: SessionRegistry,
+        control: CallControl,
+        open_agent: AgentOpener,
+        plan_transfer: TransferPlanner,
+        output_format: str,
+        end_call_drain_s: float,
+        emit: EventSink = _no_events,
+        recorder: CallRecorder | None = None,
+        recordings_dir: str = "",
+    ) -> None:
+        self.record = record
+        self.call_sid = record.call_sid
+        self._registry = registry
+        self._control = control
+        self._open_agent = open_agent
+        self._plan_transfer = plan_transfer
+        self._drain_s = end_call_drain_s
+        self._emit = emit
+        self._recorder = recorder
+        self._recordings_dir = recordings_dir
+        self._live_since: float | None = None
+        self.log = log.bind(call_sid=record.call_sid)
+        self.playout = Playout(output_format, self.log, recorder)
+        self._bridge = Bridge(record.call_sid, self.playout, self.log, emit, recorder)
+        # The agent's socket from the moment it opens (for cleanup and the watchdog); the
+        # bridge sends to it once the frames held before the ack have gone out.
+        self.agent_socket: AgentLeg | None = None
+        self.agent_gone = False
+        self.carrier_gone = False
+        self._inbox: asyncio.Queue[Action] = asyncio.Queue(INBOX_SIZE)
+        self._finished = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.outcome = ""
+        self.state = State(record.state)
+        # Where an accepted end or transfer is taking the call, set before its task runs, so
+        # that a second request sees it at once (409, or 200 for a repeated end_call).
+        self.intent: State | None = None
+
+    @property
+    def carrier(self) -> CarrierLeg | None:
+        return self.playout.carrier
+
+    @property
+    def busy_leaving(self) -> bool:
+        """An end or transfer is accepted or under way."""
+        return bool(self.intent) or self.state in LEAVING
+
+    # State
+
+    async def _transition(self, state: State, **fields: Any) -> None:
+        if state == self.state:
+            return
+        check_transition(self.call_sid, self.state, state)
+        self.log.info("call_state", state=state, previous=self.state, **fields)
+        self.state = self.record.state = state
+        self.playout.leaving = state in LEAVING
+        try:
+            if state in FINAL:
+                return  # written by _cleanup, and only if the entry is still this session's
+            await self._registry.set_state(self.call_sid, state)
+        except Exception as exc:  # a registry outage never stops a call
+            self.log.warning("registry_state_not_saved", state=state, error=str(exc))
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    async def wait(self) -> None:
+        await self._finished.wait()
+
+    # Running the call
+
+    async def run(self, carrier: CarrierLeg) -> None:
+        """Bridge the call until it ends, however it ends. Returns when everything is closed."""
+        self.playout.carrier = carrier
+        await self._transition(State.CONNECTING)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tasks = [
+                    tg.create_task(self._uplink(), name=f"uplink-{self.call_sid}"),
+                    tg.create_task(self._connect_and_downlink(), name=f"downlink-{self.call_sid}"),
+                    tg.create_task(self._serve_inbox(), name=f"inbox-{self.call_sid}"),
+                    tg.create_task(watch(self), name=f"watch-{self.call_sid}"),
+                ]
+                await self._finished.wait()
+                for task in self._tasks:
+                    task.cancel()
+        except* Exception as group:
+            for exc in group.exceptions:
+                self.log.error("call_failed", error=repr(exc), exc_info=exc)
+            self.outcome = self.outcome or "error"
+        finally:
+            # The finished tasks keep their CancelledError, whose traceback holds the frames
+            # that hold this session: without this, every ended call would stay in memory as a
+            # cycle until the next full garbage collection.
+            self._tasks = []
+            self._finished.set()
+            await self._cleanup()
+
+    def _finish(self, outcome: str) -> None:
+        if not self.outcome:
+            self.outcome = outcome
+        self._finished.set()
+
+    async def _cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                if self.agent_socket is not None:
+                    transferred = self.state in (State.TRANSFERRING, State.TRANSFERRED)
+                    await self.agent_socket.close(1000, "call transferred" if transferred else "call ended")
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                if self.carrier is not None:
+                    await self.carrier.close(1000)
+        final = State.TRANSFERRED if self.state == State.TRANSFERRING else State.ENDED
+        if self.state not in FINAL:
+            await self._transition(final, outcome=self.outcome or "ended")
+        try:
+            # Only if the entry is still this session's: after a transfer nobody took, a newer
+            # agent session for the same call has its own entry, which must not be touched.
+            current = await self._registry.get(self.call_sid)
+            if current is not None and current.session_hash == self.record.session_hash:
+                if self.state == State.TRANSFERRED:
+                    # Kept a while (with what the transfer wrote to it): if nobody takes the
+                    # transfer, the caller comes back to an agent with this call's metadata.
+                    # Its token is dead already (final state: 404).
+                    current.state = State.TRANSFERRED
+                    await self._registry.put(current, TRANSFERRED_TTL_S)
+                else:
+                    await self._registry.delete(self.call_sid)
+        except Exception as exc:
+            self.log.warning("registry_cleanup_failed", error=str(exc))
+        duration = 0.0 if self._live_since is None else time.monotonic() - self._live_since
+        self._emit(
+            "call.ended", self.call_sid, outcome=self.outcome, state=self.state, duration_s=round(duration, 3)
+        )
+        self.log.info("call_closed", outcome=self.outcome, state=self.state)
+        if self._recorder is not None and self._recordings_dir:
+            try:
+                path = await save_recording(self._recorder, self._recordings_dir, self.call_sid)
+            except Exception as exc:
+                self.log.error("recording_not_saved", error=str(exc))
+            else:
+                duration_s = round(self._recorder.duration_s, 2)
+                self.log.info("recording_saved", path=str(path), duration_s=duration_s)
+
+    def carrier_ended(self, call_status: str) -> None:
+        """The carrier reports the call over (status callback): stop bridging, hang up nothing."""
+        self.log.info("carrier_call_ended", call_status=call_status)
+        self._finish(f"call_{call_status}")
+
+    async def adopt(self, carrier: CarrierLeg) -> None:
+        """A second media socket for this call (network handover): the newest one wins."""
+        old = self.carrier
+        self._bridge.replace_carrier(carrier)
+        self.log.info("carrier_replaced")
+        if old is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await old.close(1000, "replaced by a newer stream")
+
+    # The caller's side
+
+    async def _uplink(self) -> None:
+        await self._bridge.uplink()
+        await self.caller_left()
+
+    async def caller_left(self, cause: str = "caller_hung_up") -> None:
+        self.carrier_gone = True
+        if self.intent == State.TRANSFERRING or self.state in (State.TRANSFERRING, State.TRANSFERRED):
+            # The stream's stop after a redirect, not a hang-up. The transfer task finishes
+            # the call once all its steps are done (a warm transfer has several).
+            return
+        if self.state == State.ENDING:
+            self._finish(self.outcome or "ended")
+            return
+        self.log.info(cause)
+        await self._transition(State.ENDING, cause=cause)
+        self._finish(cause)
+
+    def drop_agent(self, agent: AgentLeg, outcome: str) -> None:
+        """The agent's socket is dead: drop it. The downlink then sees it gone and, unless an
+        end or transfer is under way, hangs up: the caller is not left in silence."""
+        if not self.busy_leaving:
+            self.outcome = self.outcome or outcome
+        agent.abort()
+
+    # The agent's side
+
+    async def _connect_and_downlink(self) -> None:
+        try:
+            agent = await self._open_agent(self.record)
+        except Exception as exc:
+            self.log.error("agent_unavailable", error=str(exc))
+            await self._hang_up("agent_unavailable")
+            return
+        self.agent_socket = agent
+        await self._bridge.agent_ready(agent)
+        if self.state == State.CONNECTING:
+            await self._transition(State.LIVE, stream_id=agent.stream_id)
+            self._live_since = time.monotonic()
+            r = self.record
+            self._emit(
+                "call.started",
+                self.call_sid,
+                agent_id=r.agent_id,
+                direction=r.direction,
+                **{"from": r.from_, "to": r.to},
+            )
+            with contextlib.suppress(Exception):
+                await self._registry.refresh(self.call_sid, LIVE_TTL_S)
+        await self._bridge.downlink(agent, self._agent_transfer)
+        await self._agent_left(agent.close_code, agent.close_reason)
+
+    def _agent_transfer(self, event: AgentTransfer) -> None:
+        fields = dict(event.details)
+        fields["to"] = event.target
+        try:
+            self.submit(self._plan_transfer(self.record, fields))
+        except ActionRefused as exc:
+            self.log.warning("agent_transfer_refused", code=exc.code, error=exc.message)
+
+    async def _agent_left(self, code: int | None, reason: str | None) -> None:
+        self.agent_gone = True
+        if self.busy_leaving:
+            return  # we are ending or transferring; the inbox task finishes the call
+        if ended_by_agent(code, reason):
+            self.log.info("agent_ended_call", reason=reason)
+            await self._transition(State.ENDING, cause="agent_ended_call")
+            await self._drain()
+            await self._hang_up("agent_ended_call")
+        else:
+            self.log.warning("agent_disconnected", close_code=code, close_reason=reason)
+            await self._hang_up("agent_disconnected")
+
+    # Ending
+
+    async def _drain(self) -> None:
+        """Wait until the caller has heard everything the agent said (bounded)."""
+        await self.playout.played_out(self._drain_s)
+
+    async def _hang_up(self, outcome: str) -> None:
+        # Set now: the REST hang-up ends the stream, and the uplink may finish the call first.
+        self.outcome = self.outcome or outcome
+        if self.state not in LEAVING:
+            await self._transition(State.ENDING, cause=outcome)
+        try:
+            await self._control.hangup(self.call_sid)
+        except Exception as exc:
+            # Closing the media socket runs the TwiML after </Connect>, which hangs up too.
+            self.log.error("hangup_failed", error=str(exc))
+        self._finish(outcome)
+
+    # Control actions: validated by the control API, carried out here in the call's tasks
+
+    def submit(self, action: Action) -> None:
+        """Accept an action for this call, or raise ActionRefused (409 and friends)."""
+        if not admit(self.intent or self.state, action):
+            return  # a repeated end_call: already under way
+        if isinstance(action, SendDtmf) and self.carrier is None:
+            raise ActionRefused(409, "call_not_live", "the call has no media stream yet")
+        try:
+            self._inbox.put_nowait(action)
+        except asyncio.QueueFull:
+            raise ActionRefused(409, "call_busy", "the call has too many actions pending") from None
+        if isinstance(action, EndCall):
+            self.intent = State.ENDING
+        elif isinstance(action, TransferPlan):
+            self.intent = State.TRANSFERRING
+
+    async def _serve_inbox(self) -> None:
+        while True:
+            action = await self._inbox.get()
+            match action:
+                case EndCall(reason):
+                    await self._end_call(reason)
+                case TransferPlan():
+                    await self._transfer(action)
+                case SendDtmf(digits):
+                    await self._bridge.play_dtmf(digits)
+
+    async def _end_call(self, reason: str) -> None:
+        await self._transition(State.ENDING, cause="end_call", reason=reason)
+        await self._drain()
+        await self._hang_up("end_call")
+
+    async def _transfer(self, plan: TransferPlan) -> None:
+        # Marked in the registry before the REST update, so the stream's `stop` that the
+        # update causes is not taken for the caller hanging up.
+        await self._transition(State.TRANSFERRING, target=plan.target, mode=plan.mode)
+        await self._drain()
+        # Emitted first: the update's `stop` may end this task before the REST call returns.
+        self.log.info("transfer_started", target=plan.target)
+        self._emit("transfer.started", self.call_sid, destination=plan.target, mode=plan.mode)
+        try:
+            await self._control.transfer(self.call_sid, plan)
+        except Exception as exc:
+            self.log.error("transfer_failed", target=plan.target, error=str(exc))
+            self._emit(
+                "transfer.failed", self.call_sid, destination=plan.target, mode=plan.mode, error=str(exc)
+            )
+            if self.carrier_gone:  # the caller hung up while we waited: nothing to transfer
+                self._finish("caller_hung_up")
+                return
+            self.intent = None
+            if self.agent_gone:  # nobody left to talk to: do not leave the caller in silence
+                await self._hang_up("transfer_failed")
+                return
+            await self._transition(State.LIVE, cause="transfer_failed")
+            return
+        self._finish("transferred")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.record.public(), "state": self.state, "heard_s": self.playout.playback.heard_s}

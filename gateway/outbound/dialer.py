@@ -1,0 +1,276 @@
+"""The Dialer: starts outbound calls and works through this instance's share of every batch.
+
+How a batch survives an instance restart (claims, status callbacks, STALE_CLAIM_S) is
+described in the package docstring, gateway/outbound/__init__.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import structlog
+
+from gateway.carriers.twilio.rest import TwilioRestError
+from gateway.control.parse import error
+from gateway.outbound.parse import BatchSpec, progress
+from gateway.outbound.store import OutboundStore
+from gateway.registry.base import CallRecord, SessionRegistry, digest, new_secret
+
+log = structlog.get_logger(__name__)
+
+# A claim with no callback after this long, whose owner is gone, was never dialled. Twilio
+# posts `initiated` within a second of creating a call; 15 s leaves room for a slow network.
+STALE_CLAIM_S = 15.0
+# An outbound call's record waits this long for its answer: ringing, machine detection
+# (DetectMessageEnd waits for the greeting to end) and Twilio's own queueing.
+DIALING_TTL_S = 600
+# A recipient Twilio turned away for being busy (20429, 429, 503) is tried again after this.
+BUSY_RETRY_S = 2.0
+# On shutdown, in-flight call creations get this long to finish (each is bounded by the REST
+# client's own timeout); they are never cancelled halfway, which could ring someone twice.
+CLOSE_WAIT_S = 15.0
+# POST /calls waits at most this long for its turn under CALLS_PER_SECOND, then answers 429.
+MAX_START_WAIT_S = 10.0
+# Calls being created at once by one instance's batch worker.
+MAX_PARALLEL_CREATES = 8
+WORKER_IDLE_S = 0.2
+FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+TERMINAL = frozenset({"done", "failed"})
+
+
+CreateCall = Callable[..., Awaitable[str]]  # TwilioCalls.create_call
+UrlBuilder = Callable[[str, str], str]
+
+
+class Dialer:
+    """Starts outbound calls and runs this instance's share of every batch."""
+
+    def __init__(
+        self,
+        store: OutboundStore,
+        registry: SessionRegistry,
+        create_call: CreateCall,
+        url: UrlBuilder,
+        *,
+        calls_per_second: float,
+        max_concurrent: int,
+    ) -> None:
+        self.store = store
+        self._registry = registry
+        self._create_call = create_call
+        self._url = url
+        self._rate = calls_per_second
+        self._cap = max_concurrent
+        self._worker: asyncio.Task[None] | None = None
+        self._creates = asyncio.Semaphore(MAX_PARALLEL_CREATES)
+        self._jobs: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._run_batches(), name="batch-worker")
+
+    def stop_claiming(self) -> None:
+        """Draining: this instance takes no more recipients (others carry the batch on)."""
+        if self._worker is not None:
+            self._worker.cancel()
+
+    async def close(self) -> None:
+        self.stop_claiming()
+        if self._worker is not None:
+            await asyncio.gather(self._worker, return_exceptions=True)
+        if self._jobs:
+            # Not cancelled: a create cut off after Twilio accepted it would leave a claim
+            # that looks undialled, and the recipient would be rung again.
+            await asyncio.wait(set(self._jobs), timeout=CLOSE_WAIT_S)
+        await self.store.close()
+
+    async def start_call(self, args: dict[str, Any]) -> str:
+        """One call for `POST /calls` (`args` from parse_call): a slot, its turn, then the call.
+        Refused with 429 when every slot is taken or the turn is too far off, 502 when Twilio
+        refuses it."""
+        slot = "c" + secrets.token_hex(8)
+        if not await self.store.acquire_slot(slot, self._cap):
+            raise error(429, "too_many_calls", "MAX_CONCURRENT_CALLS outbound calls are live")
+        try:
+            wait = await self.store.reserve_start(self._rate)
+            if wait > MAX_START_WAIT_S:
+                raise error(429, "rate_limited", f"CALLS_PER_SECOND reached; retry in {wait:.0f} s")
+            await asyncio.sleep(wait)
+        except BaseException:
+            await self.store.release_slot(slot)
+            raise
+        try:
+            return await self.dial(**args, slot=slot)  # frees the slot if it fails
+        except TwilioRestError as exc:
+            raise error(502, "twilio_refused", str(exc)) from None
+
+    async def start_batch(self, spec: BatchSpec) -> None:
+        """A batch for `POST /calls/batch`: stored, and dialled by every instance's worker."""
+        await self.store.create_batch(spec)
+        log.info("batch_created", batch_id=spec.batch_id, total=len(spec.recipients))
+
+    async def dial(
+        self,
+        *,
+        to: str,
+        from_: str,
+        agent: str,
+        metadata: dict[str, Any],
+        machine_detection: str = "",
+        slot: str,
+        status_query: dict[str, str] | None = None,
+    ) -> str:
+        """Create the Twilio call and register it so its answer reaches `agent` with `metadata`.
+
+        The caller holds `slot` and has waited for its start; on failure the slot is freed here.
+        """
+        query = urlencode({"slot": slot, **(status_query or {})})
+        fields: dict[str, Any] = {
+            "to": to,
+            "from_": from_,
+            "url": self._url("/twilio/voice", urlencode({"agent": agent})),
+            "method": "POST",
+            "status_callback": self._url("/twilio/status", query),
+            "status_callback_event": ["initiated", "ringing", "answered", "completed"],
+            "status_callback_method": "POST",
+        }
+        if machine_detection:
+            fields["machine_detection"] = machine_detection
+        try:
+            call_sid = await self._create_call(**fields)
+        except Exception:
+            await self.store.release_slot(slot)
+            raise
+        record = CallRecord(
+            call_sid=call_sid,
+            owner=self._registry.instance_id,
+            state="dialing",
+            from_=from_,
+            to=to,
+            agent_id=agent,
+            direction="outbound-api",
+            token_hash=digest(new_secret()),  # the real token is minted when the call answers
+            metadata=metadata,
+        )
+        try:
+            await self._registry.put(record, DIALING_TTL_S)
+        except Exception as exc:
+            log.warning("outbound_record_not_saved", call_sid=call_sid, error=str(exc))
+        log.info("outbound_call_started", call_sid=call_sid, agent_id=agent)
+        return call_sid
+
+    async def call_status(self, call_sid: str, status: str, query: dict[str, str]) -> None:
+        """A status callback for a call we started: progress the batch, free the slot when over."""
+        batch_id, index = query.get("batch", ""), query.get("r", "")
+        if batch_id and index.isdigit():
+            if status in FINAL_STATUSES:
+                await self.store.update(
+                    batch_id,
+                    int(index),
+                    {"status": "done", "outcome": status, "call_sid": call_sid},
+                    only_from=("claimed", "dialled"),
+                )
+            else:
+                await self.store.update(
+                    batch_id, int(index), {"status": "dialled", "call_sid": call_sid}, only_from=("claimed",)
+                )
+        if status in FINAL_STATUSES and query.get("slot"):
+            await self.store.release_slot(query["slot"])
+
+    # Batches
+
+    async def _run_batches(self) -> None:
+        backoff = WORKER_IDLE_S
+        last_sweep = 0.0
+        while True:
+            try:
+                busy = False
+                for batch_id in await self.store.active_batches():
+                    if time.monotonic() - last_sweep > 2.0:
+                        await self._sweep(batch_id)
+                    busy |= await self._dial_next(batch_id)
+                if time.monotonic() - last_sweep > 2.0:
+                    last_sweep = time.monotonic()
+                backoff = WORKER_IDLE_S
+                if not busy:
+                    await asyncio.sleep(WORKER_IDLE_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is unreachable: try again, slower
+                log.warning("batch_worker_error", error=str(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _dial_next(self, batch_id: str) -> bool:
+        slot = "b" + secrets.token_hex(8)  # URL-safe as is: it travels in a signed URL
+        if not await self.store.acquire_slot(slot, self._cap):
+            return False
+        index = await self.store.claim(batch_id, self._registry.instance_id, slot)
+        if index is None:
+            await self.store.release_slot(slot)
+            return False
+        # Paced only once there is someone to call: an idle batch must not use up the rate.
+        wait = await self.store.reserve_start(self._rate)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        found = await self.store.batch(batch_id)
+        assert found is not None
+        spec = found[0]
+        await self._creates.acquire()
+        job = asyncio.create_task(self._dial_recipient(spec, index, slot))
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+        return True
+
+    async def _dial_recipient(self, spec: BatchSpec, index: int, slot: str) -> None:
+        recipient = spec.recipients[index]
+        try:
+            call_sid = await self.dial(
+                to=recipient.to,
+                from_=spec.from_,
+                agent=spec.agent,
+                metadata={**spec.metadata, **recipient.metadata, "batch_id": spec.batch_id},
+                machine_detection=spec.machine_detection,
+                slot=slot,
+                status_query={"batch": spec.batch_id, "r": str(index)},
+            )
+        except TwilioRestError as exc:
+            if exc.nothing_created:  # Twilio was too busy: nobody was called, try again later
+                log.warning("batch_call_deferred", batch_id=spec.batch_id, index=index, error=str(exc))
+                await asyncio.sleep(BUSY_RETRY_S)
+                await self.store.requeue(spec.batch_id, index)
+            else:
+                log.warning("batch_call_failed", batch_id=spec.batch_id, index=index, error=str(exc))
+                await self.store.update(
+                    spec.batch_id, index, {"status": "failed", "error": str(exc)}, only_from=("claimed",)
+                )
+        else:
+            await self.store.update(
+                spec.batch_id, index, {"status": "dialled", "call_sid": call_sid}, only_from=("claimed",)
+            )
+        finally:
+            self._creates.release()
+
+    async def _sweep(self, batch_id: str) -> None:
+        """Requeue claims of dead instances that never dialled; close finished batches."""
+        found = await self.store.batch(batch_id)
+        if found is None:
+            await self.store.finish_batch(batch_id)
+            return
+        spec, states = found
+        now = time.time()
+        for index, state in states.items():
+            if state.get("status") != "claimed" or now - state.get("at", now) < STALE_CLAIM_S:
+                continue
+            owner = state.get("owner", "")
+            if owner != self._registry.instance_id and not await self._registry.owner_alive(owner):
+                log.warning("batch_claim_requeued", batch_id=batch_id, index=index)
+                await self.store.release_slot(state.get("slot", ""))
+                await self.store.requeue(batch_id, index)
+        if all(s.get("status") in TERMINAL for s in states.values()):
+            await self.store.finish_batch(batch_id)
+            log.info("batch_finished", batch_id=batch_id, **progress(spec, states))

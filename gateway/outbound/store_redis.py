@@ -1,0 +1,118 @@
+"""The shared outbound store: every instance on one Redis; survives any instance's restart.
+
+Each step that must not be split by a crash or by another instance runs as one Lua script,
+kept in ./lua/ beside this module.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from gateway.outbound.parse import BatchSpec
+from gateway.outbound.store import IDEMPOTENCY_TTL_S, SLOT_TTL_S, OutboundStore
+
+# Batches and their progress are kept this long after they finish, for GET /calls/batch/{id}.
+BATCH_TTL_S = 7 * 86400
+
+_LUA_DIR = Path(__file__).parent / "lua"
+
+
+def _lua(name: str) -> str:
+    """The text of the Lua script `name` (read once, at import)."""
+    return (_LUA_DIR / name).read_text(encoding="utf-8")
+
+
+_PACE = _lua("pace.lua")
+_ACQUIRE = _lua("acquire_slot.lua")
+_CLAIM = _lua("claim.lua")
+_REQUEUE = _lua("requeue.lua")
+_IDEMPOTENT = _lua("remember.lua")
+_UPDATE = _lua("update_state.lua")
+
+
+class RedisOutboundStore(OutboundStore):
+    """Shared by every instance on one Redis; survives any instance's restart."""
+
+    def __init__(self, url: str, key_prefix: str = "lgw:") -> None:
+        self._redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0, max_connections=16)
+        self._p = key_prefix
+        self._pace = self._redis.register_script(_PACE)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._update = self._redis.register_script(_UPDATE)
+        self._requeue = self._redis.register_script(_REQUEUE)
+        self._idempotent = self._redis.register_script(_IDEMPOTENT)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def _k(self, *parts: str) -> str:
+        return self._p + ":".join(parts)
+
+    async def reserve_start(self, per_second: float) -> float:
+        interval_ms = max(1, round(1000 / per_second))
+        return int(await self._pace(keys=[self._k("outbound", "pace")], args=[interval_ms])) / 1000
+
+    async def acquire_slot(self, member: str, cap: int) -> bool:
+        key = self._k("outbound", "slots")
+        return bool(await self._acquire(keys=[key], args=[member, cap, SLOT_TTL_S]))
+
+    async def release_slot(self, member: str) -> None:
+        await self._redis.zrem(self._k("outbound", "slots"), member)
+
+    async def active_slots(self) -> int:
+        return int(await self._redis.zcard(self._k("outbound", "slots")))
+
+    async def create_batch(self, spec: BatchSpec) -> None:
+        bid = spec.batch_id
+        pending = {str(i): orjson.dumps({"status": "pending"}) for i in range(len(spec.recipients))}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._k("batch", bid, "spec"), spec.to_json(), ex=BATCH_TTL_S)
+            pipe.hset(self._k("batch", bid, "state"), mapping=pending)
+            pipe.expire(self._k("batch", bid, "state"), BATCH_TTL_S)
+            pipe.rpush(self._k("batch", bid, "pending"), *range(len(spec.recipients)))
+            pipe.expire(self._k("batch", bid, "pending"), BATCH_TTL_S)
+            pipe.sadd(self._k("batches"), bid)
+            await pipe.execute()
+
+    async def batch(self, batch_id: str) -> tuple[BatchSpec, dict[int, dict[str, Any]]] | None:
+        raw = await self._redis.get(self._k("batch", batch_id, "spec"))
+        if raw is None:
+            return None
+        states = await self._redis.hgetall(self._k("batch", batch_id, "state"))
+        return BatchSpec.from_json(raw), {int(i): orjson.loads(s) for i, s in states.items()}
+
+    async def active_batches(self) -> list[str]:
+        return [b.decode() for b in await self._redis.smembers(self._k("batches"))]
+
+    async def claim(self, batch_id: str, owner: str, slot: str) -> int | None:
+        state = orjson.dumps({"status": "claimed", "owner": owner, "slot": slot, "at": time.time()})
+        keys = [self._k("batch", batch_id, "pending"), self._k("batch", batch_id, "state")]
+        index = await self._claim(keys=keys, args=[state])
+        return None if index is None else int(index)
+
+    async def update(
+        self, batch_id: str, index: int, state: dict[str, Any], *, only_from: tuple[str, ...]
+    ) -> bool:
+        keys = [self._k("batch", batch_id, "state")]
+        return bool(await self._update(keys=keys, args=[index, orjson.dumps(state), *only_from]))
+
+    async def requeue(self, batch_id: str, index: int) -> None:
+        # One script: a crash between marking it pending and queueing it would lose it.
+        keys = [self._k("batch", batch_id, "state"), self._k("batch", batch_id, "pending")]
+        await self._requeue(keys=keys, args=[index, orjson.dumps({"status": "pending"})])
+
+    async def finish_batch(self, batch_id: str) -> None:
+        await self._redis.srem(self._k("batches"), batch_id)
+
+    async def remember(self, key: str, value: str) -> str | None:
+        result = await self._idempotent(keys=[self._k("idempotency", key)], args=[value, IDEMPOTENCY_TTL_S])
+        return None if result is None else (result.decode() if isinstance(result, bytes) else str(result))
+
+    async def settle(self, key: str, value: str) -> None:
+        await self._redis.set(self._k("idempotency", key), value, ex=IDEMPOTENCY_TTL_S)

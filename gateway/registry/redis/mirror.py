@@ -1,0 +1,217 @@
+"""The mirror of the records this instance owns, the heartbeat, and the resync after an outage.
+
+The mirror answers reads for owned records while Redis is away; writes made meanwhile are
+deferred, deletes are kept as tombstones, and the heartbeat loop replays both once Redis answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.registry.base import LIVE_TTL_S, CallRecord
+from gateway.registry.redis.core import (
+    _UNREACHABLE,
+    BACKOFF_MAX_S,
+    BACKOFF_MIN_S,
+    OP_TIMEOUT_S,
+    RedisCore,
+    _ms,
+    log,
+)
+
+# Deletes that could not be made during an outage, replayed when Redis returns.
+MAX_TOMBSTONES = 10_000
+
+
+def _copy(record: CallRecord) -> CallRecord:
+    """A deep copy: the mirror never shares dicts with callers."""
+    return CallRecord.from_dict(record.to_dict())
+
+
+@dataclass(slots=True)
+class _Owned:
+    """A record this instance owns, as it should be in Redis."""
+
+    record: CallRecord
+    ttl_s: float
+    expires: float  # time.monotonic()
+    version: int
+
+    def remaining_s(self, now: float) -> float:
+        return self.expires - now
+
+
+class MirrorMixin(RedisCore):
+    _mirror: dict[str, _Owned]
+    _mirror_tokens: dict[str, str]  # token_hash -> call_sid, for mirrored records
+    _tombstones: dict[str, str | None]  # call_sid -> token_hash (None: look it up)
+    _version: int
+
+    # Mirror of owned records
+
+    def _mirrored(self, call_sid: str, now: float | None = None) -> _Owned | None:
+        entry = self._mirror.get(call_sid)
+        if entry is None:
+            return None
+        if entry.remaining_s(time.monotonic() if now is None else now) <= 0:
+            self._unmirror(call_sid)
+            return None
+        return entry
+
+    def _unmirror(self, call_sid: str) -> _Owned | None:
+        entry = self._mirror.pop(call_sid, None)
+        if entry is not None and self._mirror_tokens.get(entry.record.token_hash) == call_sid:
+            del self._mirror_tokens[entry.record.token_hash]
+        return entry
+
+    def _sweep_mirror(self, now: float) -> None:
+        for call_sid in [sid for sid, e in self._mirror.items() if e.remaining_s(now) <= 0]:
+            self._unmirror(call_sid)
+
+    def _next_version(self) -> int:
+        self._version += 1
+        return self._version
+
+    def _tombstone(self, call_sid: str, token_hash: str | None) -> None:
+        if call_sid not in self._tombstones and len(self._tombstones) >= MAX_TOMBSTONES:
+            del self._tombstones[next(iter(self._tombstones))]  # its keys expire by TTL anyway
+        self._tombstones[call_sid] = token_hash or self._tombstones.get(call_sid)
+
+    def _known_locally(self, call_sid: str | None) -> tuple[bool, CallRecord | None]:
+        """What this instance knows without Redis: the records it owns and those it deleted."""
+        if call_sid is not None:
+            entry = self._mirrored(call_sid)
+            if entry is not None:
+                return True, _copy(entry.record)
+            if call_sid in self._tombstones:
+                return True, None
+        return False, None
+
+    def _local_sid(self, token_hash: str) -> str | None:
+        call_sid = self._mirror_tokens.get(token_hash)
+        if call_sid is None and self._tombstones:
+            call_sid = next((sid for sid, th in self._tombstones.items() if th == token_hash), None)
+        return call_sid
+
+    async def _lost_our_keys(self) -> bool:
+        """Redis lacks a record we own: did it lose its data (restart, failover, flush), or did
+        someone delete the record? Our heartbeat key tells: it is only missing in the first case.
+        Then the mirror answers, and the heartbeat loop re-registers everything right away."""
+        if self._beat_task is None or self._beat_task.done():
+            return False
+        if await self._redis.exists(self._instance_key(self.instance_id)):
+            return False
+        self._wake.set()
+        return True
+
+    def _forget_deleted(self, call_sid: str, entry: _Owned) -> None:
+        """Redis answered that a record we own is gone (another instance ended the call)."""
+        if self._mirror.get(call_sid) is entry:
+            self._unmirror(call_sid)
+
+    # Heartbeat and resync
+
+    async def _beat_once(self) -> bool:
+        """One heartbeat (and resync when needed); False when Redis did not answer."""
+        try:
+            async with asyncio.timeout(OP_TIMEOUT_S * 2):
+                await self._beat()
+            return True
+        except _UNREACHABLE as exc:
+            self._mark_down(exc, "heartbeat")
+            return False
+
+    async def _beat(self) -> None:
+        now = time.monotonic()
+        self._sweep_mirror(now)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(self._instance_key(self.instance_id), "1", px=_ms(self.heartbeat_ttl_s), get=True)
+        # A live call's entry lives as long as its owner does.
+        for call_sid, entry in self._mirror.items():
+            if entry.ttl_s >= LIVE_TTL_S:
+                entry.expires = now + entry.ttl_s
+                pipe.pexpire(self._call_key(call_sid), _ms(entry.ttl_s))
+                pipe.pexpire(self._token_key(entry.record.token_hash), _ms(entry.ttl_s))
+        previous = (await pipe.execute())[0]
+        # Our heartbeat key was gone before its TTL: Redis restarted, failed over or was flushed,
+        # so our records may be gone too. After an outage our deferred writes are due as well.
+        if not self._healthy or previous is None:
+            await self._resync(was_healthy=self._healthy)
+
+    async def _resync(self, *, was_healthy: bool) -> None:
+        """Write every owned record (remaining TTL) and replay deferred deletes."""
+        self._healthy = True  # from here on writes go straight to Redis; we reconcile below
+        try:
+            now = time.monotonic()
+            self._sweep_mirror(now)
+            snapshot = [
+                (sid, e.version, _copy(e.record), e.remaining_s(now), e.ttl_s)
+                for sid, e in self._mirror.items()
+            ]
+            graves = dict(self._tombstones)
+            for call_sid, token_hash in graves.items():
+                if call_sid not in self._mirror:
+                    await self._delete_keys(call_sid, token_hash)
+                if call_sid in self._tombstones and self._tombstones[call_sid] == token_hash:
+                    del self._tombstones[call_sid]
+            pipe = self._redis.pipeline(transaction=False)
+            for _, _, record, remaining, ttl_s in snapshot:
+                self._queue_restore(pipe, record, remaining, ttl_s)
+            await pipe.execute()
+            # Writes that raced the snapshot: deleted since (undo ours) or changed since (redo).
+            for call_sid, version, record, _, _ in snapshot:
+                entry = self._mirror.get(call_sid)
+                if entry is None:
+                    await self._delete_keys(call_sid, record.token_hash)
+                elif entry.version != version:
+                    remaining = entry.remaining_s(time.monotonic())
+                    pipe = self._redis.pipeline(transaction=True)
+                    self._queue_restore(pipe, entry.record, remaining, entry.ttl_s)
+                    await pipe.execute()
+        except BaseException:
+            self._healthy = False
+            raise
+        if snapshot or graves or not was_healthy:
+            log.info(
+                "registry_resynced",
+                instance=self.instance_id,
+                calls=len(snapshot),
+                deletes=len(graves),
+                after_outage=not was_healthy,
+            )
+
+    def _queue_restore(self, pipe: Any, record: CallRecord, remaining_s: float, ttl_s: float) -> None:
+        # A call that only rang here (put with a ringing TTL) may have had its media socket land
+        # on another instance, which then owns it: restore it only if Redis has nothing newer
+        # (NX). A call whose media is here (put with the live TTL) is ours, and our copy wins.
+        nx = ttl_s < LIVE_TTL_S
+        pipe.set(self._call_key(record.call_sid), self._encode(record), px=_ms(remaining_s), nx=nx)
+        pipe.set(self._token_key(record.token_hash), record.call_sid, px=_ms(remaining_s), nx=nx)
+
+    async def _heartbeat_loop(self, first_delay: float) -> None:
+        backoff = BACKOFF_MIN_S
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(first_delay):
+                await self._wake.wait()
+        while True:
+            started = loop.time()
+            self._wake.clear()
+            try:
+                beat_ok = await self._beat_once()
+            except Exception:  # a bug must not stop the heartbeat: peers would think us dead
+                log.exception("registry_heartbeat_failed")
+                beat_ok = False
+            if beat_ok:
+                backoff = BACKOFF_MIN_S
+                delay = max(0.0, self.heartbeat_interval_s - (loop.time() - started))
+            else:  # retry attempts start at most `backoff` apart, however long one took to fail
+                delay = max(0.0, backoff - (loop.time() - started))
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
