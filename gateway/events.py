@@ -76,6 +76,7 @@ CarrierEvent = StreamConnected | StreamStarted | CallerAudio | CallerDtmf | Play
 @dataclass(slots=True, frozen=True)
 class AgentReady:
     stream_id: str
+    output_format: str = ""  # the agent's audio format, when its `ack` says
 
 
 @dataclass(slots=True)  # not frozen: built per frame (see CallerAudio)
@@ -102,6 +103,9 @@ class AgentCustom:
 class AgentTransfer:
     target: str  # E.164 number or sip: URI, "" when the agent named none
     details: dict[str, Any] = field(default_factory=dict)
+    # Destination fields the frame had but that could not be read: such a transfer is refused,
+    # never sent to the default destination.
+    unreadable: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)

@@ -354,8 +354,8 @@ async def test_a_silent_twilio_socket_ends_the_call(monkeypatch):
 
 
 async def test_agent_dtmf_strings_past_the_bound_are_dropped_not_played():
-    from gateway.agents import cartesia
+    from gateway.agents import calls_api
     from gateway.events import ProtocolError
 
     with pytest.raises(ProtocolError, match="1 to 64"):
-        cartesia.parse_frame('{"event":"dtmf","dtmf":"' + "w" * 65 + '"}')
+        calls_api.parse_frame('{"event":"dtmf","dtmf":"' + "w" * 65 + '"}')

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
-from gateway.agents import cartesia
+from gateway.agents import calls_api
 from gateway.call.playout import MARK_EVERY_S, Playback
 from gateway.carriers.twilio import codec, signatures
 from gateway.carriers.twilio import twiml as twiml_builders
@@ -133,12 +133,12 @@ def test_signature_checker_uses_twilios_validator():
 
 
 def test_agent_frames_parse_to_events():
-    assert cartesia.parse_frame('{"event":"ack","stream_id":"s1"}') == AgentReady("s1")
-    assert cartesia.parse_frame('{"event":"media_output","media":{"payload":"AAA="}}') == AgentAudio("AAA=")
-    assert cartesia.parse_frame('{"event":"clear"}') == AgentClear()
-    assert cartesia.parse_frame('{"event":"dtmf","dtmf":"5"}') == AgentDtmf("5")
-    assert cartesia.parse_frame('{"event":"custom","metadata":{"a":1}}') == AgentCustom({"a": 1})
-    assert cartesia.parse_frame('{"event":"whatever_new"}') == AgentUnknown("whatever_new")
+    assert calls_api.parse_frame('{"event":"ack","stream_id":"s1"}') == AgentReady("s1")
+    assert calls_api.parse_frame('{"event":"media_output","media":{"payload":"AAA="}}') == AgentAudio("AAA=")
+    assert calls_api.parse_frame('{"event":"clear"}') == AgentClear()
+    assert calls_api.parse_frame('{"event":"dtmf","dtmf":"5"}') == AgentDtmf("5")
+    assert calls_api.parse_frame('{"event":"custom","metadata":{"a":1}}') == AgentCustom({"a": 1})
+    assert calls_api.parse_frame('{"event":"whatever_new"}') == AgentUnknown("whatever_new")
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,7 @@ def test_agent_frames_parse_to_events():
     ],
 )
 def test_transfer_call_target_is_found_wherever_it_is(frame, target):
-    event = cartesia.parse_frame(orjson.dumps({"event": "transfer_call", **frame}))
+    event = calls_api.parse_frame(orjson.dumps({"event": "transfer_call", **frame}))
     assert isinstance(event, AgentTransfer)
     assert event.target == target
 
@@ -168,12 +168,12 @@ def test_transfer_call_target_is_found_wherever_it_is(frame, target):
 )
 def test_malformed_agent_frames_are_rejected(frame):
     with pytest.raises(ProtocolError):
-        cartesia.parse_frame(frame)
+        calls_api.parse_frame(frame)
 
 
 def test_start_and_media_input_frames():
     start = orjson.loads(
-        cartesia.start_frame(stream_id="CA1", input_format="mulaw_8000", metadata={"from": "+1"})
+        calls_api.start_frame(stream_id="CA1", input_format="mulaw_8000", metadata={"from": "+1"})
     )
     assert start == {
         "event": "start",
@@ -181,20 +181,24 @@ def test_start_and_media_input_frames():
         "config": {"input_format": "mulaw_8000"},
         "metadata": {"from": "+1"},
     }
-    assert orjson.loads(cartesia.media_input_frame("CA1", "AAA=")) == {
+    assert orjson.loads(calls_api.media_input_frame("CA1", "AAA=")) == {
         "event": "media_input",
         "stream_id": "CA1",
         "media": {"payload": "AAA="},
     }
-    assert orjson.loads(cartesia.dtmf_frame("CA1", "7")) == {"event": "dtmf", "stream_id": "CA1", "dtmf": "7"}
-    assert cartesia.agent_url("wss://api.cartesia.ai/", "ag1") == "wss://api.cartesia.ai/agents/stream/ag1"
+    assert orjson.loads(calls_api.dtmf_frame("CA1", "7")) == {
+        "event": "dtmf",
+        "stream_id": "CA1",
+        "dtmf": "7",
+    }
+    assert calls_api.agent_url("wss://api.cartesia.ai/", "ag1") == "wss://api.cartesia.ai/agents/stream/ag1"
 
 
 def test_agent_end_is_recognised_only_from_close_1000_with_its_reason():
-    assert cartesia.ended_by_agent(1000, "call ended by agent")
-    assert cartesia.ended_by_agent(1000, "call ended by agent, reason: done")
-    assert not cartesia.ended_by_agent(1000, "connection idle timeout")
-    assert not cartesia.ended_by_agent(1011, "call ended by agent")
+    assert calls_api.ended_by_agent(1000, "call ended by agent")
+    assert calls_api.ended_by_agent(1000, "call ended by agent, reason: done")
+    assert not calls_api.ended_by_agent(1000, "connection idle timeout")
+    assert not calls_api.ended_by_agent(1011, "call ended by agent")
 
 
 async def test_playback_knows_what_the_caller_heard():

@@ -42,6 +42,7 @@ class Leg:
     def __init__(self, frame: object, *, stuck: bool) -> None:
         self.liveness = Liveness()
         self.stream_id = "stream"
+        self.output_format = ""
         self.sent = 0
         self.keepalives = 0
         self.aborted = False

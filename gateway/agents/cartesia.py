@@ -1,12 +1,11 @@
-"""Cartesia Line agents over the Calls API WebSocket: the codec (pure) and the connection.
+"""A Cartesia Line agent over the Calls API WebSocket: one call's connection (an AgentLeg).
 
-Wire format: PROTOCOLS.md section 5. All frames are JSON text with base64 audio inside.
+The frames themselves are gateway.agents.calls_api.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
 import os
 import socket
@@ -17,21 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 import structlog
 
-from gateway.events import (
-    AgentAudio,
-    AgentClear,
-    AgentCustom,
-    AgentDtmf,
-    AgentEvent,
-    AgentReady,
-    AgentTransfer,
-    AgentUnknown,
-    ProtocolError,
-    json_object,
+from gateway.agents.calls_api import (
+    CALLS_API_DTMF,
+    agent_url,
+    dtmf_frame,
+    media_input_frame,
+    parse_frame,
+    start_frame,
 )
+from gateway.events import AgentEvent, AgentReady, ProtocolError
 from gateway.liveness import Liveness
 
 log = structlog.get_logger(__name__)
@@ -58,111 +53,25 @@ ACK_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 5.0
 # When we close, how long to wait for the agent's close frame before dropping the TCP socket.
 CLOSE_TIMEOUT_S = 2.0
-AGENT_END_REASON = "call ended by agent"
-# Each digit is 160 ms of tones; 64 digits is ten seconds. Longer strings are not DTMF.
-MAX_DTMF_DIGITS = 64
+# Handshake statuses that mean the API key or the agent id is wrong: no retry will help.
+REFUSED_KEY_STATUSES = frozenset({401, 403})
 
 
 class AgentUnavailable(RuntimeError):
-    """The agent could not be reached, refused the call, or did not acknowledge `start`."""
+    """The agent could not be reached, refused the call, or did not acknowledge `start`.
+    `status`: the HTTP status of a refused handshake (0 when there was none)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-# Codec
-
-
-def agent_url(base_url: str, agent_id: str) -> str:
-    return f"{base_url.rstrip('/')}/agents/stream/{agent_id}"
-
-
-def start_frame(
-    *,
-    stream_id: str,
-    input_format: str,
-    metadata: Mapping[str, Any],
-    agent: Mapping[str, Any] | None = None,
-) -> str:
-    frame: dict[str, Any] = {
-        "event": "start",
-        "stream_id": stream_id,
-        "config": {"input_format": input_format},
-        "metadata": dict(metadata),
-    }
-    if agent:
-        frame["agent"] = dict(agent)
-    return orjson.dumps(frame).decode()
-
-
-def media_input_frame(stream_id: str, payload_b64: str) -> str:
-    # Hand-built: this runs for every 20 ms of caller audio, and neither part needs escaping
-    # (stream_id is ours, the payload is base64 checked by the carrier codec).
-    return f'{{"event":"media_input","stream_id":"{stream_id}","media":{{"payload":"{payload_b64}"}}}}'
-
-
-def dtmf_frame(stream_id: str, digit: str) -> str:
-    return orjson.dumps({"event": "dtmf", "stream_id": stream_id, "dtmf": digit}).decode()
-
-
-def custom_frame(stream_id: str, metadata: Mapping[str, Any]) -> str:
-    return orjson.dumps({"event": "custom", "stream_id": stream_id, "metadata": metadata}).decode()
-
-
-def _transfer_target(frame: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    # Field names of `transfer_call` are unconfirmed (PROTOCOLS.md): accept them at the top
-    # level or under `transfer`, as a phone number or a SIP URI.
-    nested = frame.get("transfer")
-    details: dict[str, Any] = dict(nested) if isinstance(nested, dict) else {}
-    for source in (details, frame):
-        for key in ("target_phone_number", "phone_number", "sip_uri", "target", "to"):
-            value = source.get(key)
-            if isinstance(value, str) and value.strip():
-                return value.strip(), details
-    return "", details
-
-
-def parse_frame(text: str | bytes) -> AgentEvent:
-    """Decode one frame from the agent; ProtocolError for anything malformed."""
-    frame = json_object(text)
-    event = frame.get("event")
-    if event == "media_output":
-        media = frame.get("media")
-        payload = media.get("payload") if isinstance(media, dict) else None
-        if not isinstance(payload, str):
-            raise ProtocolError("media_output.media.payload must be a string")
-        return AgentAudio(payload)
-    if event == "clear":
-        return AgentClear()
-    if event == "dtmf":
-        digit = frame.get("dtmf")
-        if not isinstance(digit, str) or not 0 < len(digit) <= MAX_DTMF_DIGITS:
-            raise ProtocolError(f"dtmf.dtmf must be a string of 1 to {MAX_DTMF_DIGITS} digits")
-        return AgentDtmf(digit)
-    if event == "ack":
-        stream_id = frame.get("stream_id")
-        return AgentReady(stream_id if isinstance(stream_id, str) else "")
-    if event == "custom":
-        metadata = frame.get("metadata")
-        return AgentCustom(metadata if isinstance(metadata, dict) else {})
-    if event == "transfer_call":
-        target, details = _transfer_target(frame)
-        return AgentTransfer(target, details)
-    if not isinstance(event, str):
-        raise ProtocolError("'event' must be a string")
-    return AgentUnknown(event)
-
-
-def decode_payload(payload_b64: str) -> bytes:
-    try:
-        return binascii.a2b_base64(payload_b64, strict_mode=True)
-    except binascii.Error as exc:
-        raise ProtocolError(f"audio payload is not base64: {exc}") from None
-
-
-def ended_by_agent(code: int | None, reason: str | None) -> bool:
-    """Close 1000 `call ended by agent[, reason: ...]`: the agent hung up on purpose."""
-    return code == 1000 and (reason or "").startswith(AGENT_END_REASON)
-
-
-# Connection
+def auth_headers(api_key: str) -> dict[str, str]:
+    """Both of the headers Cartesia takes a server's API key in. Its docs show
+    `Authorization: Bearer` on the agents socket, its own Calls API client
+    (cartesia-ai/agent-ws-example, client.go) sends the API key that way, and its
+    authentication guide says server-side requests may use `X-API-Key` or `Authorization`."""
+    return {"X-API-Key": api_key, "Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 @dataclass(slots=True)
@@ -223,6 +132,7 @@ class CartesiaAgent:
         self._close_reason: str | None = None
         self._pinged_at = self._pong_at = time.monotonic()
         self._socket = ws.get_extra_info("socket")  # for `abort`; aiohttp forgets it on close
+        self.output_format = ""  # as the agent's `ack` reported it ("" when it did not)
 
     @classmethod
     async def open(
@@ -235,9 +145,7 @@ class CartesiaAgent:
         metadata: Mapping[str, Any],
     ) -> CartesiaAgent:
         url = agent_url(config.base_url, agent_id)
-        headers = {"Cartesia-Version": config.version}
-        if config.api_key:
-            headers["X-API-Key"] = config.api_key
+        headers = {"Cartesia-Version": config.version, **auth_headers(config.api_key)}
         try:
             async with asyncio.timeout(OPEN_TIMEOUT_S):
                 ws = await http.ws_connect(
@@ -249,7 +157,13 @@ class CartesiaAgent:
                     timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            raise AgentUnavailable(f"agent refused the socket: HTTP {exc.status}") from None
+            if exc.status in REFUSED_KEY_STATUSES:
+                raise AgentUnavailable(
+                    f"Cartesia refused the API key for agent {agent_id} (HTTP {exc.status}): "
+                    "check CARTESIA_API_KEY",
+                    exc.status,
+                ) from None
+            raise AgentUnavailable(f"agent refused the socket: HTTP {exc.status}", exc.status) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise AgentUnavailable(f"agent unreachable: {type(exc).__name__}: {exc}") from None
         agent = cls(ws, stream_id)
@@ -263,6 +177,7 @@ class CartesiaAgent:
                     if isinstance(event, AgentReady):
                         if event.stream_id:
                             agent.stream_id = event.stream_id
+                        agent.output_format = event.output_format
                         return agent
                     log.warning("agent_event_before_ack", agent_event=type(event).__name__)
         except TimeoutError:
@@ -358,6 +273,9 @@ class CartesiaAgent:
         await self._send(media_input_frame(self.stream_id, payload_b64))
 
     async def send_dtmf(self, digit: str) -> None:
+        if digit not in CALLS_API_DTMF:
+            log.info("dtmf_not_forwarded", digit=digit, reason="the Calls API takes 0-9, * and # only")
+            return
         await self._send(dtmf_frame(self.stream_id, digit))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:

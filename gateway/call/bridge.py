@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from gateway.agents.cartesia import decode_payload
+from gateway.agents.calls_api import decode_payload
 from gateway.call.legs import AgentLeg, CarrierLeg
 from gateway.call.playout import Playout
 from gateway.events import (

@@ -32,6 +32,7 @@ class AgentLeg(Protocol):
     """The agent's side of the bridge (a Cartesia Line agent today)."""
 
     stream_id: str
+    output_format: str  # as the agent's ack reported it; "" when it did not
     liveness: Liveness
     silent_after_s: float | None
     stalled_after_s: float

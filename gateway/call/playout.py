@@ -13,10 +13,11 @@ import base64
 from collections import deque
 from typing import Any
 
-from gateway.agents.cartesia import decode_payload
-from gateway.audio import DownlinkConverter, mulaw_duration_s
+from gateway.agents.calls_api import decode_payload
+from gateway.audio import OUTPUT_FORMATS, DownlinkConverter, mulaw_duration_s
 from gateway.call.legs import CarrierLeg
 from gateway.dtmf import dtmf_mulaw
+from gateway.format_sniff import SNIFF_BYTES, looks_like
 from gateway.recording import CallRecorder
 
 # A mark every second of agent audio tells the session what the caller has heard. Each mark is
@@ -28,6 +29,10 @@ from gateway.recording import CallRecorder
 # past the cap no new marks are sent until echoes come back (a forced mark is always sent).
 MARK_EVERY_S = 1.0
 MAX_OUTSTANDING_MARKS = 600
+# The agent's first audio is checked against the format the gateway expects, in windows of
+# SNIFF_BYTES, until one tells (silence does not) or this many have not.
+MAX_SNIFF_WINDOWS = 25
+ENCODING_NAMES = {"mulaw": "mu-law 8 kHz", "pcm": "16-bit PCM"}
 
 
 class Playback:
@@ -91,6 +96,24 @@ class Playout:
         self._converter = DownlinkConverter(output_format)
         self._recorder = recorder
         self._log = log
+        self._sniffed = bytearray()  # the agent's first audio, until its encoding is told
+        self._sniff_windows = MAX_SNIFF_WINDOWS
+
+    def agent_format(self, output_format: str) -> None:
+        """The agent's `ack` named its output format: convert from that, and trust it."""
+        expected = self._converter.source_format
+        if output_format not in OUTPUT_FORMATS:
+            self._log.error("agent_output_format_unknown", agent_format=output_format, expected=expected)
+            return
+        if output_format != expected:
+            self._log.warning(
+                "agent_output_format_differs",
+                agent_format=output_format,
+                expected=expected,
+                hint="the agent's ack names its own output format; it wins over CARTESIA_OUTPUT_FORMAT",
+            )
+            self._converter = DownlinkConverter(output_format)
+        self._sniff_windows = 0
 
     async def agent_audio(self, payload_b64: str) -> None:
         """A frame of the agent's speech, in its output format."""
@@ -98,6 +121,8 @@ class Playout:
             return
         try:
             audio = decode_payload(payload_b64)
+            if self._sniff_windows:
+                self._sniff(audio)
             # mu-law 8 kHz goes to the caller as it came, without re-encoding
             mulaw = audio if self._converter.passthrough else self._converter.convert(audio)
         except ValueError as exc:  # ProtocolError (base64) or AudioFormatError
@@ -105,6 +130,25 @@ class Playout:
             return
         if mulaw:  # empty while the resampler is still filling
             await self.send(mulaw, payload_b64 if mulaw is audio else None)
+
+    def _sniff(self, audio: bytes) -> None:
+        """Log one clear error when the agent's audio is not in the encoding the gateway
+        converts from: the caller would hear noise, and an operator would hunt it on the line."""
+        self._sniffed += audio
+        if len(self._sniffed) < SNIFF_BYTES:
+            return
+        heard = looks_like(bytes(self._sniffed))
+        self._sniffed.clear()
+        self._sniff_windows = 0 if heard else self._sniff_windows - 1
+        expected = self._converter.encoding
+        if heard and heard != expected:
+            self._log.error(
+                "agent_output_format_mismatch",
+                expected=self._converter.source_format,
+                heard=ENCODING_NAMES[heard],
+                hint=f"the agent sends {ENCODING_NAMES[heard]}, not {self._converter.source_format}: "
+                "set CARTESIA_OUTPUT_FORMAT to the agent's configured output format",
+            )
 
     async def send(self, mulaw: bytes, payload_b64: str | None = None, *, mark: bool = False) -> None:
         """Send mu-law 8 kHz to the caller (`payload_b64`: the same bytes, already base64),

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from gateway.agents.cartesia import ended_by_agent
+from gateway.agents.calls_api import ended_by_agent
 from gateway.call.actions import Action, ActionRefused, EndCall, SendDtmf, TransferPlan, admit
 from gateway.call.bridge import Bridge, EventSink
 from gateway.call.legs import AgentLeg, CallControl, CarrierLeg
@@ -245,6 +245,8 @@ class Session:
             await self._hang_up("agent_unavailable")
             return
         self.agent_socket = agent
+        if agent.output_format:
+            self.playout.agent_format(agent.output_format)
         await self._bridge.agent_ready(agent)
         if self.state == State.CONNECTING:
             await self._transition(State.LIVE, stream_id=agent.stream_id)
@@ -263,6 +265,16 @@ class Session:
         await self._agent_left(agent.close_code, agent.close_reason)
 
     def _agent_transfer(self, event: AgentTransfer) -> None:
+        if event.unreadable:
+            # Never to TRANSFER_TO instead: the agent asked for somewhere, just not legibly.
+            self.log.error(
+                "agent_transfer_refused",
+                reason="the transfer_call event's destination cannot be read",
+                fields=list(event.unreadable),
+            )
+            return
+        if not event.target:
+            self.log.info("agent_transfer_without_destination", using="TRANSFER_TO")
         fields = dict(event.details)
         fields["to"] = event.target
         try:
