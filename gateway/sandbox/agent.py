@@ -3,6 +3,12 @@
 It greets on `start`, stops talking and sends `clear` when the caller speaks over it
 (energy-based), answers DTMF, sends `custom`, ends the call with close 1000 `call ended by agent`
 on a chosen digit, serves any of the four output formats, and records everything it receives.
+
+Where Cartesia's docs say how the real service behaves, it behaves so: it refuses a socket
+without the API key (401; `X-API-Key` or `Authorization: Bearer`), speaks in its own configured
+output format whatever the client asked, reads the caller's audio in the `input_format` of
+`start`, echoes `config` (and `agent`) in its `ack`, and closes a socket that has sent nothing,
+not even a ping, for 180 s with 1000 `connection idle timeout`.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class AgentBehaviour:
     dtmf_replies: dict[str, str] = field(default_factory=lambda: {"*": "147"})
     transfer_digit: str = "0"  # send transfer_call to transfer_target
     transfer_target: str = "+15550001111"
+    # The transfer_call frame's fields beside `event` and `stream_id`; default: the target under
+    # `transfer.target_phone_number`.
+    transfer_fields: dict[str, Any] | None = None
     close_after_transfer: bool = False  # like Line's own transfer tool: the agent side ends
     end_call_tool_digit: str = "7"  # a tool POSTs {"action":"end_call"} to the control URL
     transfer_tool_digit: str = "9"  # a tool POSTs {"action":"transfer_call"} to transfer_target
@@ -65,6 +74,10 @@ class AgentBehaviour:
     # ack and before the greeting: junk, unknown events, anything a test wants the gateway to see.
     extra_frames: tuple[str | bytes, ...] = ()
     frames_before_ack: tuple[str | bytes, ...] = ()  # the same, between `start` and the ack
+    # Whether the ack names the agent's output format in `config.output_format`. Cartesia's own
+    # client reads only `input_format` from it, so by default it does not.
+    ack_reports_output_format: bool = False
+    idle_timeout_s: float = 180.0  # closed after this long without a client frame or ping
 
 
 @dataclass
@@ -86,6 +99,7 @@ class AgentCall:
     close_code: int | None = None
     close_reason: str | None = None
     hung_up_at: float | None = None  # when the agent closed the socket itself (monotonic)
+    audio_out: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, bytes) sent
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -98,9 +112,24 @@ def speech(freq: float, seconds: float, output_format: str) -> bytes:
     return pcm16_to_ulaw(pcm) if encoding == "mulaw" else pcm
 
 
+IDLE_CLOSE_REASON = "connection idle timeout"
+
+
+class _HeardConnection(ServerConnection):
+    """Notes when the client last sent anything, pings included (the idle timeout's clock)."""
+
+    last_heard = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
+        super().data_received(data)
+
+
 class AgentEmulator:
-    def __init__(self, behaviour: AgentBehaviour | None = None) -> None:
+    def __init__(self, behaviour: AgentBehaviour | None = None, *, api_key: str = "") -> None:
+        """`api_key`: the key a socket must carry (none checked when empty)."""
         self.behaviour = behaviour or AgentBehaviour()
+        self.api_key = api_key
         self.calls: list[AgentCall] = []
         self._server: Server | None = None
         self.url = ""
@@ -108,7 +137,12 @@ class AgentEmulator:
     @contextlib.asynccontextmanager
     async def running(self, port: int = 0) -> AsyncIterator[AgentEmulator]:
         async with serve(
-            self._handle, "127.0.0.1", port, process_request=self._check_request, compression=None
+            self._handle,
+            "127.0.0.1",
+            port,
+            process_request=self._check_request,
+            compression=None,
+            create_connection=_HeardConnection,
         ) as server:
             self._server = server
             bound = server.sockets[0].getsockname()[1]
@@ -120,7 +154,14 @@ class AgentEmulator:
             return connection.respond(self.behaviour.refuse_status, "refused by the emulator\n")
         if not request.path.startswith("/agents/stream/"):
             return connection.respond(404, "no such agent path\n")
+        if self.api_key and not self._authorised(request.headers):
+            return connection.respond(401, "missing or invalid API key\n")
         return None
+
+    def _authorised(self, headers: Any) -> bool:
+        return headers.get("X-API-Key") == self.api_key or headers.get("Authorization") == (
+            f"Bearer {self.api_key}"
+        )
 
     async def wait_for_call(self, index: int = 0, within_s: float = 10.0) -> AgentCall:
         async with asyncio.timeout(within_s):
@@ -131,7 +172,7 @@ class AgentEmulator:
     async def _handle(self, ws: ServerConnection) -> None:
         call = AgentCall(path=ws.request.path, headers=dict(ws.request.headers.raw_items()))
         self.calls.append(call)
-        talk = _Talker(ws, self.behaviour)
+        talk = _Talker(ws, self.behaviour, call)
         try:
             first = orjson.loads(await ws.recv())
             if first.get("event") != "start":
@@ -146,7 +187,7 @@ class AgentEmulator:
             await asyncio.sleep(self.behaviour.ack_delay_s)
             for raw in self.behaviour.frames_before_ack:
                 await ws.send(raw)
-            await ws.send(_text({"event": "ack", "stream_id": stream_id, "config": first.get("config", {})}))
+            await ws.send(_text(self._ack(first, stream_id)))
             for raw in self.behaviour.extra_frames:
                 await ws.send(raw)
             if self.behaviour.send_custom:
@@ -154,7 +195,11 @@ class AgentEmulator:
                     _text({"event": "custom", "stream_id": stream_id, "metadata": {"greeting": True}})
                 )
             talk.say(GREETING_HZ, self.behaviour.greeting_s, continuous=self.behaviour.continuous)
-            await self._listen(ws, call, talk)
+            idle = asyncio.create_task(self._close_when_idle(ws))
+            try:
+                await self._listen(ws, call, talk)
+            finally:
+                idle.cancel()
         except ConnectionClosed:
             pass
         finally:
@@ -164,16 +209,37 @@ class AgentEmulator:
             call.close_code, call.close_reason = ws.close_code, ws.close_reason
             call.closed.set()
 
+    def _ack(self, start: dict[str, Any], stream_id: str) -> dict[str, Any]:
+        config = dict(start.get("config") or {})
+        if self.behaviour.ack_reports_output_format:
+            config["output_format"] = self.behaviour.output_format
+        ack: dict[str, Any] = {"event": "ack", "stream_id": stream_id, "config": config}
+        if "agent" in start:
+            ack["agent"] = start["agent"]
+        return ack
+
+    async def _close_when_idle(self, ws: ServerConnection) -> None:
+        limit = self.behaviour.idle_timeout_s
+        while True:
+            last = getattr(ws, "last_heard", 0.0) or time.monotonic()
+            await asyncio.sleep(max(0.01, last + limit - time.monotonic()))
+            if time.monotonic() - getattr(ws, "last_heard", 0.0) >= limit:
+                await ws.close(1000, IDLE_CLOSE_REASON)
+                return
+
     async def _listen(self, ws: ServerConnection, call: AgentCall, talk: _Talker) -> None:
         loud = 0
+        input_format = ((call.start or {}).get("config") or {}).get("input_format", "mulaw_8000")
+        encoding = OUTPUT_FORMATS.get(input_format, ("mulaw", 8000))[0]
         async for text in ws:
             frame = orjson.loads(text)
             call.frames_in.append(frame)
             event = frame.get("event")
             if event == "media_input":
-                mulaw = base64.b64decode(frame["media"]["payload"])
-                call.audio_in += mulaw
-                loud = loud + 1 if rms_dbfs(ulaw_to_pcm16(mulaw)) > self.behaviour.speech_dbfs else 0
+                audio = base64.b64decode(frame["media"]["payload"])
+                call.audio_in += audio  # as received, in the start's input_format
+                pcm = ulaw_to_pcm16(audio) if encoding == "mulaw" else audio
+                loud = loud + 1 if rms_dbfs(pcm) > self.behaviour.speech_dbfs else 0
                 if loud >= self.behaviour.barge_in_frames and talk.speaking:
                     await talk.interrupt()
                     call.clears_sent += 1
@@ -193,15 +259,8 @@ class AgentEmulator:
             await talk.send_all(GOODBYE_HZ, b.goodbye_s)
             await ws.close(1000, "call ended by agent")
         elif digit == b.transfer_digit:
-            await ws.send(
-                _text(
-                    {
-                        "event": "transfer_call",
-                        "stream_id": talk.stream_id,
-                        "transfer": {"target_phone_number": b.transfer_target},
-                    }
-                )
-            )
+            fields = b.transfer_fields or {"transfer": {"target_phone_number": b.transfer_target}}
+            await ws.send(_text({"event": "transfer_call", "stream_id": talk.stream_id, **fields}))
             if b.close_after_transfer:
                 await ws.close(1000, "call ended by agent")
         elif digit == b.end_call_tool_digit:
@@ -233,9 +292,10 @@ class AgentEmulator:
 class _Talker:
     """Sends the agent's speech in chunks, faster than real time like a real TTS."""
 
-    def __init__(self, ws: ServerConnection, behaviour: AgentBehaviour) -> None:
+    def __init__(self, ws: ServerConnection, behaviour: AgentBehaviour, call: AgentCall) -> None:
         self._ws = ws
         self._b = behaviour
+        self._call = call
         self.stream_id = ""
         self._task: asyncio.Task[None] | None = None
         self._until = 0.0
@@ -257,6 +317,8 @@ class _Talker:
 
     async def send_all(self, freq: float, seconds: float) -> None:
         audio = speech(freq, seconds, self._b.output_format)
+        if not audio:
+            return
         per_chunk = len(audio) * CHUNK_MS // max(1, int(seconds * 1000))
         per_chunk -= per_chunk % 2
         for offset in range(0, len(audio), per_chunk):
@@ -273,6 +335,7 @@ class _Talker:
             await asyncio.sleep(max(0.0, started + sent * 0.02 - time.monotonic()))
 
     async def _send(self, audio: bytes) -> None:
+        self._call.audio_out.append((time.monotonic(), len(audio)))
         payload = base64.b64encode(audio).decode()
         await self._ws.send(
             f'{{"event":"media_output","stream_id":"{self.stream_id}","media":{{"payload":"{payload}"}}}}'

@@ -72,6 +72,7 @@ class SimulatedCall:
         self.t0 = time.monotonic()
         self.timeline: list[tuple[float, str]] = []
         self.heard = bytearray()  # mu-law 8 kHz, one frame per 20 ms tick, silence included
+        self.media_arrivals: list[tuple[float, int]] = []  # (monotonic time, bytes) per media frame
         self.received: list[dict[str, Any]] = []
         self.protocol_errors: list[str] = []
         self.clears = 0
@@ -330,7 +331,9 @@ class SimulatedCall:
                 if frame.get("streamSid") != self.stream_sid:
                     self.protocol_errors.append(f"{event} with streamSid {frame.get('streamSid')!r}")
                 if event == "media":
-                    self._queue.append(base64.b64decode(frame["media"]["payload"]))
+                    audio = base64.b64decode(frame["media"]["payload"])
+                    self.media_arrivals.append((time.monotonic(), len(audio)))
+                    self._queue.append(audio)
                 elif event == "mark":
                     self._queue.append(_Mark(frame["mark"]["name"]))
                 elif event == "clear":

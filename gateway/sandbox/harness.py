@@ -60,7 +60,8 @@ async def sandbox(
 ) -> AsyncIterator[Sandbox]:
     auth_token = secrets.token_hex(16)
     rest = TwilioRestFake(ACCOUNT_SID, auth_token)
-    agent = AgentEmulator(behaviour)
+    api_key = "sk_sandbox_" + secrets.token_hex(8)
+    agent = AgentEmulator(behaviour, api_key=api_key)
     port = free_port()
     async with serve(rest.app) as rest_url, agent.running():
         settings = Settings(
@@ -69,7 +70,7 @@ async def sandbox(
             twilio_account_sid=ACCOUNT_SID,
             twilio_auth_token=auth_token,
             twilio_api_base=rest_url,
-            cartesia_api_key="sk_sandbox_" + secrets.token_hex(8),
+            cartesia_api_key=api_key,
             cartesia_agent_id=AGENT_ID,
             cartesia_url=agent.url,
             cartesia_output_format=agent.behaviour.output_format,
