@@ -206,7 +206,8 @@ class AgentEmulator:
             await talk.stop()
             if call.tools:
                 await asyncio.wait(call.tools, timeout=5)
-            call.close_code, call.close_reason = ws.close_code, ws.close_reason
+            # From the protocol: websockets 13 (which cartesia-line pins) has them only there.
+            call.close_code, call.close_reason = ws.protocol.close_code, ws.protocol.close_reason
             call.closed.set()
 
     def _ack(self, start: dict[str, Any], stream_id: str) -> dict[str, Any]:

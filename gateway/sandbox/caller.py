@@ -28,12 +28,19 @@ import orjson
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.version import version as websockets_version
 
 from gateway.audio import MULAW_FRAME_BYTES, SAMPLE_RATE_TELEPHONY, ulaw_to_pcm16
 from gateway.sandbox.script import CallScript, wav_to_mulaw
 
 SILENCE = b"\xff" * MULAW_FRAME_BYTES
 FRAME_S = 0.02
+
+
+# websockets 15 and later connect through a proxy named in the environment; the simulated
+# call goes to loopback, never through one. Older versions (13, which cartesia-line pins)
+# know no proxies and refuse the argument.
+NO_PROXY: dict[str, None] = {"proxy": None} if int(websockets_version.split(".")[0]) >= 15 else {}
 
 
 def new_sid(prefix: str) -> str:
@@ -163,7 +170,7 @@ class SimulatedCall:
         sig = self.sign(self.stream_url, {}) if signature is None else signature
         headers = {"X-Twilio-Signature": sig} if sig else {}
         self.stream_sid = stream_sid or self.stream_sid
-        self._ws = await connect(self.stream_url, additional_headers=headers, compression=None, proxy=None)
+        self._ws = await connect(self.stream_url, additional_headers=headers, compression=None, **NO_PROXY)
         await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         await self.send(
             {
