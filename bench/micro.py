@@ -1,5 +1,6 @@
 """Micro-benchmarks: the gateway's per-frame codec against pipecat's Twilio serializer, and the
-downlink resampler (soxr HQ, streaming) against audioop.ratecv, for cost and quality.
+downlink resampler (gateway.audio.DownlinkConverter) against soxr HQ (streaming) and
+audioop.ratecv, for cost, quality and added latency.
 
     python -m bench.run --micro          # (or after the load runs, by default)
     python -m bench.micro                # the same, without the load benchmark's report
@@ -96,7 +97,7 @@ def per_await_us(make: Callable[[], Any], number: int, repeat: int = 5) -> float
 
 
 def gateway_codec(number: int) -> dict[str, Any]:
-    from gateway.agents import cartesia
+    from gateway.agents import calls_api
     from gateway.audio import DownlinkConverter
     from gateway.carriers.twilio import codec
 
@@ -107,18 +108,18 @@ def gateway_codec(number: int) -> dict[str, Any]:
 
     def uplink() -> str:
         event = codec.parse_frame(up_text)
-        return cartesia.media_input_frame(CALL_SID, event.payload)  # type: ignore[union-attr]
+        return calls_api.media_input_frame(CALL_SID, event.payload)  # type: ignore[union-attr]
 
     def downlink() -> str:
-        event = cartesia.parse_frame(down_text)
+        event = calls_api.parse_frame(down_text)
         return codec.media_frame(STREAM_SID, event.payload)  # type: ignore[union-attr]
 
     converter = DownlinkConverter("pcm_16000")
 
     def downlink_pcm16k() -> str:
         # what the gateway does per frame for an agent speaking pcm_16000 (session._play)
-        event = cartesia.parse_frame(down_pcm_text)
-        mulaw = converter.convert(cartesia.decode_payload(event.payload))  # type: ignore[union-attr]
+        event = calls_api.parse_frame(down_pcm_text)
+        mulaw = converter.convert(calls_api.decode_payload(event.payload))  # type: ignore[union-attr]
         return codec.media_frame(STREAM_SID, base64.b64encode(mulaw).decode())
 
     assert '"media_input"' in uplink() and '"media"' in downlink()
@@ -195,7 +196,8 @@ def codec(number: int) -> dict[str, Any]:
     return result
 
 
-# Resampler: soxr HQ streaming (DownlinkConverter) vs audioop.ratecv
+# Resampler: the gateway's DownlinkConverter vs soxr HQ streaming (the converter before it was
+# replaced by a minimum-phase FIR) vs audioop.ratecv
 
 
 def _tone(freq: float, rate: int, seconds: float, amplitude: float = 0.5) -> bytes:
@@ -208,19 +210,43 @@ def _chunks(pcm: bytes, rate: int) -> list[bytes]:
     return [pcm[i : i + step] for i in range(0, len(pcm), step)]
 
 
+class _Gateway:
+    name = "gateway.audio.DownlinkConverter"
+
+    def __init__(self, rate: int) -> None:
+        from gateway.audio import DownlinkConverter
+        from gateway.resample import Decimator
+
+        self.conv = DownlinkConverter(f"pcm_{rate}")
+        self.pcm = Decimator(rate)  # before mu-law: the same filter, rounded to int16
+
+    def mulaw(self, chunk: bytes) -> bytes:
+        return self.conv.convert(chunk)
+
+    def flush(self) -> bytes:
+        return self.conv.flush()
+
+    def pcm8k(self, chunk: bytes) -> bytes:
+        out = self.pcm.process(np.frombuffer(chunk, dtype="<i2"))
+        return np.clip(np.rint(out), -32768, 32767).astype("<i2").tobytes()
+
+
 class _Soxr:
-    name = "soxr HQ (gateway.audio.DownlinkConverter)"
+    name = "soxr HQ streaming + lin2ulaw"
 
     def __init__(self, rate: int) -> None:
         import soxr
 
-        from gateway.audio import DownlinkConverter
-
-        self.conv = DownlinkConverter(f"pcm_{rate}")
+        self.stream = soxr.ResampleStream(rate, 8000, 1, dtype="int16", quality="HQ")
         self.pcm = soxr.ResampleStream(rate, 8000, 1, dtype="int16", quality="HQ")
 
     def mulaw(self, chunk: bytes) -> bytes:
-        return self.conv.convert(chunk)
+        return audioop.lin2ulaw(self.stream.resample_chunk(np.frombuffer(chunk, dtype="<i2")).tobytes(), 2)
+
+    def flush(self) -> bytes:
+        return audioop.lin2ulaw(
+            self.stream.resample_chunk(np.zeros(0, dtype=np.int16), last=True).tobytes(), 2
+        )
 
     def pcm8k(self, chunk: bytes) -> bytes:
         return self.pcm.resample_chunk(np.frombuffer(chunk, dtype="<i2")).tobytes()
@@ -237,6 +263,9 @@ class _Ratecv:
     def mulaw(self, chunk: bytes) -> bytes:
         out, self.state = audioop.ratecv(chunk, 2, 1, self.rate, 8000, self.state)
         return audioop.lin2ulaw(out, 2)
+
+    def flush(self) -> bytes:
+        return b""
 
     def pcm8k(self, chunk: bytes) -> bytes:
         out, self.pcm_state = audioop.ratecv(chunk, 2, 1, self.rate, 8000, self.pcm_state)
@@ -256,6 +285,49 @@ def _snr_db(x: np.ndarray, freq: float, rate: int = 8000) -> float:
 def _level_db(x: np.ndarray, reference_rms: float) -> float:
     rms = math.sqrt(float(np.mean(x.astype(np.float64) ** 2)))
     return round(20 * math.log10(max(rms, 1e-9) / reference_rms), 1)
+
+
+# Added latency, measured the same way as tests/test_audio.py (test_downlink_adds_at_most_5_ms):
+# the group delay, from Gaussian tone bursts across the voice band (energy centroid of the
+# output, sample k of which stands for input time k / 8000, against the burst's centre), plus
+# the hold-back (input time fed minus output time emitted, its maximum over the chunks of a
+# one-second tone fed in 20 ms chunks). "flush" is what flush() returns after that second.
+DELAY_FREQS_HZ = (300.0, 500.0, 1000.0, 2000.0, 3000.0, 3400.0)
+
+
+def _burst(freq: float, rate: int) -> tuple[bytes, float]:
+    """A Gaussian-windowed tone burst (sigma 10 ms, centred at 0.1 s of 0.25 s) and its centre."""
+    centre = 0.1
+    t = np.arange(round(0.25 * rate)) / rate - centre
+    x = 0.5 * 32767 * np.exp(-0.5 * (t / 0.01) ** 2) * np.sin(2 * np.pi * freq * t)
+    return np.round(x).astype("<i2").tobytes(), centre
+
+
+def _centroid_s(mulaw: bytes) -> float:
+    y = np.frombuffer(audioop.ulaw2lin(mulaw, 2), dtype="<i2").astype(np.float64) ** 2
+    return float(np.dot(np.arange(y.size) / 8000, y) / y.sum())
+
+
+def latency_ms(kind: type, rate: int) -> dict[str, float]:
+    group = -math.inf
+    for freq in DELAY_FREQS_HZ:
+        burst, centre = _burst(freq, rate)
+        conv = kind(rate)
+        out = b"".join(conv.mulaw(c) for c in _chunks(burst, rate)) + conv.flush()
+        group = max(group, _centroid_s(out) - centre)
+    conv = kind(rate)
+    held, fed, emitted = -math.inf, 0, 0
+    for c in _chunks(_tone(440.0, rate, 1.0), rate):
+        fed += len(c) // 2
+        emitted += len(conv.mulaw(c))
+        held = max(held, fed / rate - emitted / 8000)
+    flushed = len(conv.flush()) / 8000
+    return {
+        "latency_ms": round(1000 * (group + held), 2),
+        "group_delay_ms": round(1000 * group, 2),
+        "held_ms": round(1000 * held, 2),
+        "flush_ms": round(1000 * flushed, 2),
+    }
 
 
 def _run(kind: type, rate: int, pcm: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +350,7 @@ def resampler(quick: bool) -> dict[str, Any]:
         speech = _tone(440.0, rate, 2.0, 0.3)
         chunks = _chunks(speech, rate)
         row: dict[str, Any] = {}
-        for kind in (_Soxr, _Ratecv):
+        for kind in (_Gateway, _Soxr, _Ratecv):
             best = math.inf
             for _ in range(reps):
                 conv = kind(rate)
@@ -289,7 +361,7 @@ def resampler(quick: bool) -> dict[str, Any]:
             one_k, one_k_pcm = _run(kind, rate, _tone(1000.0, rate, seconds))
             a39, a39_pcm = _run(kind, rate, _tone(3900.0, rate, seconds))
             a5, a5_pcm = _run(kind, rate, _tone(5000.0, rate, seconds))
-            key = "soxr_hq" if kind is _Soxr else "audioop_ratecv"
+            key = {_Gateway: "gateway", _Soxr: "soxr_hq", _Ratecv: "audioop_ratecv"}[kind]
             row[key] = {
                 "name": kind.name,
                 "us_per_frame": round(best, 2),
@@ -299,6 +371,7 @@ def resampler(quick: bool) -> dict[str, Any]:
                 "level_5000hz_db": _level_db(a5, ref_rms),
                 "level_3900hz_pcm_db": _level_db(a39_pcm, ref_rms),
                 "level_5000hz_pcm_db": _level_db(a5_pcm, ref_rms),
+                **latency_ms(kind, rate),
             }
         out[f"pcm_{rate}"] = row
     return out
@@ -331,18 +404,21 @@ def print_micro(micro: dict[str, Any]) -> None:
     r = micro.get("resampler", {})
     if r:
         print(
-            "\nDownlink resampler, per 20 ms frame -> mu-law 8 kHz (levels in dB relative to the input tone)"
+            "\nDownlink resampler, per 20 ms frame -> mu-law 8 kHz (levels in dB relative to the input tone;"
+            "\n  latency = group delay in 300-3400 Hz + the most held back after a 20 ms chunk, in ms;"
+            "\n  flush = ms returned by flush() after a one-second tone)"
         )
         print(
             f"  {'':10}{'':28}{'µs/frame':>10}{'SNR 1k':>9}{'(pcm)':>8}{'3.9 kHz':>9}{'(pcm)':>8}"
-            f"{'5 kHz':>8}{'(pcm)':>8}"
+            f"{'5 kHz':>8}{'(pcm)':>8}{'latency':>9}{'(group':>8}{'held)':>7}{'flush':>7}"
         )
         for fmt, row in r.items():
             for v in row.values():
                 print(
                     f"  {fmt:10}{v['name'][:27]:28}{v['us_per_frame']:>10}{v['snr_1khz_db']:>9}"
                     f"{v['snr_1khz_pcm_db']:>8}{v['level_3900hz_db']:>9}{v['level_3900hz_pcm_db']:>8}"
-                    f"{v['level_5000hz_db']:>8}{v['level_5000hz_pcm_db']:>8}"
+                    f"{v['level_5000hz_db']:>8}{v['level_5000hz_pcm_db']:>8}{v['latency_ms']:>9}"
+                    f"{v['group_delay_ms']:>8}{v['held_ms']:>7}{v['flush_ms']:>7}"
                 )
 
 

@@ -13,6 +13,7 @@ import structlog
 from starlette.applications import Starlette
 
 from gateway.agents.cartesia import AgentConfig, agent_http_session
+from gateway.audio import DownlinkConverter
 from gateway.call.actions import ActionRefused, EndCall
 from gateway.call.session import Session
 from gateway.call_events import CallEvents
@@ -88,6 +89,9 @@ class Gateway:
         )
         await self.dialer.start()
         self._started = True
+        # Designs the agent format's anti-alias filter now (a few ms, once per process), not
+        # on the first call's first audio.
+        DownlinkConverter(s.cartesia_output_format)
         if not s.twilio_validate_signatures:
             log.warning("twilio_signature_checks_disabled", hint="never do this in production")
         await self.registry.start(self.control.handle_routed)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import resample
 from gateway.audio import (
     FRAME_MS,
     MULAW_FRAME_BYTES,
@@ -31,6 +32,7 @@ from gateway.dtmf import (
     dtmf_mulaw,
     dtmf_pcm16,
 )
+from gateway.resample import kaiser_lowpass, lowpass_taps, minimum_phase
 
 MULAW_MAX = 32124  # largest magnitude mu-law can represent in 16-bit scale
 PCM_FORMATS = ["pcm_16000", "pcm_24000", "pcm_44100"]
@@ -252,10 +254,12 @@ def test_reset_forgets_odd_byte_and_resampler_state(fmt: str) -> None:
     dirty.convert(b"\x7f")
     with pytest.raises(AssertionError):
         _assert_mulaw_close(dirty.convert(source) + dirty.flush(), expected)
-    # ... and stale resampler history adds its delayed tail.
+    # ... and stale filter history rings into the start of the next audio (it used to come
+    # out as a delayed tail; the converter now holds nothing back, so it shows as ringing).
     dirty = DownlinkConverter(fmt)
     dirty.convert(history[:-1])
-    assert len(dirty.convert(source) + dirty.flush()) > len(expected)
+    with pytest.raises(AssertionError):
+        _assert_mulaw_close(dirty.convert(source) + dirty.flush(), expected)
 
     conv = DownlinkConverter(fmt)
     conv.convert(history)
@@ -283,6 +287,155 @@ def test_unknown_format_names_known_ones(bad: str) -> None:
     assert repr(bad) in message
     for name in OUTPUT_FORMATS:
         assert name in message
+
+
+# Low delay and no hold-back (gateway.resample): every chunk comes out at once.
+
+STOPBAND_HZ = [4500, 5000, 6000, 7500]  # fold to 3.5, 3, 2 and 0.5 kHz at 8 kHz
+PASSBAND_HZ = [300, 500, 1000, 1500, 2000, 2500, 3000, 3400]
+DELAY_HZ = [300, 500, 1000, 2000, 3000, 3400]
+
+
+def _rate(fmt: str) -> int:
+    return OUTPUT_FORMATS[fmt][1]
+
+
+def _chunked(fmt: str, source: bytes, sizes: str) -> list[bytes]:
+    """20, 40 or 100 ms chunks, or irregular ones (1 byte to ~40 ms, many odd)."""
+    rate = _rate(fmt)
+    if sizes == "irregular":
+        return _uneven_chunks(source, rate // 25, seed=9)
+    step = rate * {"20ms": 20, "40ms": 40, "100ms": 100}[sizes] // 1000 * 2
+    return [source[i : i + step] for i in range(0, len(source), step)]
+
+
+def _gain_db(fmt: str, freq: float) -> float:
+    """Level out of the converter (no flush) minus level in, of a 0.3 s tone fed in 20 ms
+    chunks, without the first 50 ms of output (the filter's onset)."""
+    source = tone_pcm16(freq, 0.3, _rate(fmt), amplitude=0.5)
+    conv = DownlinkConverter(fmt)
+    out = ulaw_to_pcm16(b"".join(conv.convert(c) for c in _chunked(fmt, source, "20ms")))
+    return rms_dbfs(out[800:]) - rms_dbfs(source)
+
+
+@pytest.mark.parametrize("fmt", PCM_FORMATS)
+def test_downlink_1khz_snr_without_flush(fmt: str) -> None:
+    source = tone_pcm16(1000, 1.0, _rate(fmt), amplitude=0.5)
+    conv = DownlinkConverter(fmt)
+    out = b"".join(conv.convert(c) for c in _chunked(fmt, source, "20ms"))
+    peak, snr = _tone_quality(ulaw_to_pcm16(out), SAMPLE_RATE_TELEPHONY, 1000, skip_s=0.01)
+    assert abs(peak - 1000) <= 10
+    assert snr >= 30, f"SNR {snr:.1f} dB"
+
+
+@pytest.mark.parametrize("fmt", PCM_FORMATS)
+def test_downlink_stopband_attenuated_40db(fmt: str) -> None:
+    """Every tone that 8 kHz cannot carry is removed, not folded into the voice band."""
+    freqs = [f for f in STOPBAND_HZ if f < _rate(fmt) / 2]
+    assert 5000 in freqs
+    gains = {f: round(_gain_db(fmt, f), 1) for f in freqs}
+    assert all(g <= -40 for g in gains.values()), gains
+
+
+@pytest.mark.parametrize("fmt", PCM_FORMATS)
+def test_downlink_passband_flat_within_1db(fmt: str) -> None:
+    gains = {f: round(_gain_db(fmt, f), 2) for f in PASSBAND_HZ}
+    assert all(abs(g) <= 1.0 for g in gains.values()), gains
+
+
+def _burst(freq: float, rate: int) -> tuple[bytes, float]:
+    """A Gaussian-windowed tone burst (sigma 10 ms, centred at 0.1 s of 0.25 s), its centre."""
+    centre = 0.1
+    t = np.arange(round(0.25 * rate)) / rate - centre
+    x = 0.5 * 32767 * np.exp(-0.5 * (t / 0.01) ** 2) * np.sin(2 * np.pi * freq * t)
+    return _pcm(np.round(x)), centre
+
+
+def _added_latency_s(fmt: str) -> tuple[float, float]:
+    """(group delay, hold-back) in seconds; bench/micro.py measures the same way.
+
+    Group delay: the energy centroid of each burst's output (sample k standing for input
+    time k / 8000) minus the burst's centre, the largest over the voice band. Hold-back:
+    input time fed minus output time emitted, the largest after any 20 ms chunk of a
+    one-second tone.
+    """
+    rate = _rate(fmt)
+    group = -math.inf
+    for freq in DELAY_HZ:
+        source, centre = _burst(freq, rate)
+        conv = DownlinkConverter(fmt)
+        out = b"".join(conv.convert(c) for c in _chunked(fmt, source, "20ms")) + conv.flush()
+        energy = _ints(ulaw_to_pcm16(out)).astype(np.float64) ** 2
+        group = max(group, float(np.dot(np.arange(energy.size) / 8000, energy) / energy.sum()) - centre)
+    conv = DownlinkConverter(fmt)
+    held, fed, emitted = -math.inf, 0, 0
+    for chunk in _chunked(fmt, tone_pcm16(440, 1.0, rate), "20ms"):
+        fed += len(chunk) // 2
+        emitted += len(conv.convert(chunk))
+        held = max(held, fed / rate - emitted / SAMPLE_RATE_TELEPHONY)
+    return group, held
+
+
+@pytest.mark.parametrize("fmt", PCM_FORMATS)
+def test_downlink_adds_at_most_5_ms(fmt: str) -> None:
+    group, held = _added_latency_s(fmt)
+    assert group >= 0.0 and held <= 1 / SAMPLE_RATE_TELEPHONY, (group, held)
+    assert group + held <= 0.005, f"{1000 * group:.2f} ms group delay + {1000 * held:.2f} ms held back"
+
+
+@pytest.mark.parametrize("fmt", PCM_FORMATS)
+@pytest.mark.parametrize("sizes", ["20ms", "40ms", "100ms", "irregular"])
+def test_downlink_holds_nothing_back(fmt: str, sizes: str) -> None:
+    """Each chunk yields at once all the output it can: a one-second utterance is out (about
+    8000 bytes) when its last chunk has been converted, with no flush."""
+    rate = _rate(fmt)
+    chunks = _chunked(fmt, tone_pcm16(1000, 1.0, rate), sizes)
+    if sizes == "irregular":
+        assert any(len(c) % 2 for c in chunks)
+    conv = DownlinkConverter(fmt)
+    fed = emitted = 0
+    for chunk in chunks:
+        fed += len(chunk)
+        emitted += len(conv.convert(chunk))
+        due = (fed // 2) * SAMPLE_RATE_TELEPHONY // rate
+        assert due - 1 <= emitted <= due + 1, (fed, emitted, due)
+    assert 7950 <= emitted <= 8050
+
+
+def test_minimum_phase_keeps_the_magnitude() -> None:
+    # 1 - 2/z has its zero at 2, outside the unit circle; 2 - 1/z is its minimum-phase twin.
+    assert np.allclose(minimum_phase(np.array([1.0, -2.0])), [2.0, -1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [16000, 24000, 44100])
+def test_lowpass_taps_are_the_prototype_made_minimum_phase(rate: int) -> None:
+    taps = lowpass_taps(rate)
+    prototype = kaiser_lowpass(rate, resample.CUTOFF_HZ, taps.size, resample.STOP_DB)
+    spectrum = [np.abs(np.fft.rfft(h, 8192)) for h in (taps, prototype)]
+    assert np.allclose(spectrum[0], spectrum[1], atol=1e-4)  # the same magnitude (to -80 dB) ...
+    # ... with its energy as early as it can be: the defining property of minimum phase.
+    early = [np.cumsum(h**2) for h in (taps, prototype)]
+    assert np.all(early[0] >= early[1] - 1e-5 * early[1][-1])
+    assert early[0][taps.size // 8] > 0.5 * early[0][-1]  # the prototype's half is at its middle
+
+
+@pytest.mark.parametrize("fmt", PCM_FORMATS)
+def test_reset_and_flush_leave_no_ringing(fmt: str) -> None:
+    """After reset() (barge-in) or flush(), silence in is silence out: nothing of the audio
+    before rings into the next utterance."""
+    rate = _rate(fmt)
+    loud = _pcm(np.random.default_rng(10).integers(-30000, 30000, rate // 10))
+    silence = bytes(rate // 25)  # 20 ms
+    silent_ulaw = pcm16_to_ulaw(bytes(2 * 160))
+    conv = DownlinkConverter(fmt)
+    conv.convert(loud)
+    assert conv.convert(silence) != silent_ulaw  # sanity: without reset the filter rings
+    conv.convert(loud)
+    conv.reset()
+    assert conv.convert(silence) == silent_ulaw
+    conv.convert(loud + b"\x01")
+    assert conv.flush() == b""
+    assert conv.convert(silence) == silent_ulaw
 
 
 # --------------------------------------------------------------------------
