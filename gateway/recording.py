@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -201,13 +202,19 @@ def recording_path(directory: str | Path, call_sid: str) -> Path:
     return Path(directory) / f"{call_sid}.wav"
 
 
-async def save_recording(recorder: CallRecorder, directory: str | Path, call_sid: str) -> Path:
+async def save_recording(recorder: CallRecorder, directory: str | Path, call_sid: str, log: Any) -> None:
     """Write the call's WAV to ``<directory>/<call_sid>.wav``, or ``<call_sid>-2.wav`` and on
-    when a later agent session of the same call (after a transfer) already wrote one."""
-    path = recording_path(directory, call_sid)
-    serial = 1
-    while path.exists():
-        serial += 1
-        path = path.with_name(f"{call_sid}-{serial}.wav")
-    # pydub writes synchronously; a long call's WAV must not stall other calls.
-    return await asyncio.to_thread(recorder.write_wav, path)
+    when a later agent session of the same call (after a transfer) already wrote one; log where
+    it went, or why it did not."""
+    try:
+        path = recording_path(directory, call_sid)
+        serial = 1
+        while path.exists():
+            serial += 1
+            path = path.with_name(f"{call_sid}-{serial}.wav")
+        # pydub writes synchronously; a long call's WAV must not stall other calls.
+        await asyncio.to_thread(recorder.write_wav, path)
+    except Exception as exc:
+        log.error("recording_not_saved", error=str(exc))
+        return
+    log.info("recording_saved", path=str(path), duration_s=round(recorder.duration_s, 2))

@@ -318,7 +318,8 @@ async def test_no_token_or_control_url_reaches_a_log_line(captured_logs):
 
 
 def test_transfer_allow_list_matches_the_host_twilio_dials():
-    from gateway.control.policy import TransferPolicy, is_sip_uri
+    from gateway.control.policy import TransferPolicy
+    from gateway.destinations import is_sip_uri
 
     policy = TransferPolicy(default_to="+15550001111", allow=("sip:*@pbx.example.com", "+1555*"))
     assert policy.allows("+15550001111")
@@ -338,7 +339,7 @@ async def test_a_refused_transfer_keeps_the_call_with_its_agent():
         box.rest.refuse_redirects = True
         call, agent_call, runner, url = await live_call(box)
         assert (await post(url, {"action": "transfer", "to": "+15551234567"}))[0] == 200
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)  # the agent's quiet moment (AGENT_QUIET_S), then the refusal
         status, state = await get(url)
         assert (status, state["state"]) == (200, "live")
         assert not agent_call.closed.is_set()

@@ -6,9 +6,14 @@ import asyncio
 
 import pytest
 
-from gateway.sandbox.agent import AgentBehaviour
+from gateway.sandbox.agent import GOODBYE_HZ, AgentBehaviour
 from gateway.sandbox.harness import sandbox
 from gateway.sandbox.script import CallScript
+
+try:
+    from tests.test_call import dominant_hz, frames, loud
+except ModuleNotFoundError:  # plain `pytest`: tests/ itself is on sys.path
+    from test_call import dominant_hz, frames, loud  # type: ignore[no-redef]
 
 ALLOW = ("+1555*",)
 END_CALL_TOOL, TRANSFER_TOOL = "7", "9"
@@ -48,3 +53,20 @@ async def test_agent_closing_during_the_drain_does_not_hold_up_the_hang_up(outpu
         waited = requests[0].at - call.last_audio_at
         # ... and the hang-up or transfer came right after its last frame was heard.
         assert 0 <= waited < 0.5, f"REST request {waited:.2f} s after the caller heard the last audio"
+
+
+@pytest.mark.parametrize("digit", [END_CALL_TOOL, TRANSFER_TOOL])
+async def test_a_goodbye_that_arrives_after_the_tools_post_is_heard_whole(digit):
+    """A Line agent's tool POSTs at once, while the goodbye it said just before is still being
+    synthesised: the gateway gives the agent a quiet moment before it drains and acts."""
+    behaviour = AgentBehaviour(greeting_s=0.2, goodbye_s=0.6, goodbye_after_tool_s=0.3)
+    async with sandbox(behaviour, transfer_allow=ALLOW) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(dtmf=[(0.5, digit)], max_s=8))
+        agent_call = await box.agent.wait_for_call()
+        await asyncio.wait_for(agent_call.closed.wait(), 5)
+        rest = box.rest
+        (request,) = rest.hangups(call.call_sid) if digit == END_CALL_TOOL else rest.redirects(call.call_sid)
+    goodbye = [f for f in frames(bytes(call.heard)) if loud(f) and abs(dominant_hz(f) - GOODBYE_HZ) < 40]
+    assert len(goodbye) >= 28  # 0.6 s is 30 frames of 20 ms
+    assert request.at >= call.last_audio_at - 0.05  # after it had all been heard

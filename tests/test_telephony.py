@@ -296,7 +296,7 @@ async def test_warm_transfer_whose_dial_twilio_refuses_keeps_the_caller_with_the
         call, agent_call, runner, url = await live_call(box)
         body = {"action": "call_transfer", "to": "+15551234567", "mode": "warm"}
         assert (await post_json(url, body))[0] == 200
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)  # the agent's quiet moment (AGENT_QUIET_S), then the refusal
         assert box.rest.redirects() == []  # never put on hold
         async with aiohttp.ClientSession() as http, http.get(url) as resp:
             assert (await resp.json())["state"] == "live"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import time
 from collections import deque
 from typing import Any
 
@@ -96,6 +98,7 @@ class Playout:
         self._converter = DownlinkConverter(output_format)
         self._recorder = recorder
         self._log = log
+        self.agent_spoke_at = 0.0  # when the agent's latest audio arrived (monotonic)
         self._sniffed = bytearray()  # the agent's first audio, until its encoding is told
         self._sniff_windows = MAX_SNIFF_WINDOWS
 
@@ -117,6 +120,7 @@ class Playout:
 
     async def agent_audio(self, payload_b64: str) -> None:
         """A frame of the agent's speech, in its output format."""
+        self.agent_spoke_at = time.monotonic()
         if self.carrier is None:
             return
         try:
@@ -128,7 +132,7 @@ class Playout:
         except ValueError as exc:  # ProtocolError (base64) or AudioFormatError
             self._log.warning("agent_frame_dropped", error=str(exc))
             return
-        if mulaw:  # empty while the resampler is still filling
+        if mulaw:  # empty for a chunk too short to make an 8 kHz sample
             await self.send(mulaw, payload_b64 if mulaw is audio else None)
 
     def _sniff(self, audio: bytes) -> None:
@@ -166,7 +170,9 @@ class Playout:
             await carrier.send_mark(name)
 
     async def agent_stopped(self) -> None:
-        """The agent has gone: the resampler still holds a few ms of its last words."""
+        """The agent has gone: whatever the converter still holds of its last words goes out
+        (nothing, with the minimum-phase filter of gateway.resample; kept for converters that
+        hold audio back)."""
         if not self._converter.passthrough:
             tail = self._converter.flush()
             if tail:
@@ -207,6 +213,19 @@ class Playout:
             self._log.warning("drain_timed_out", waited_s=round(budget, 2))
             return False
         return True
+
+    async def agent_quiet(self, quiet_s: float, within_s: float, agent_left: asyncio.Event) -> None:
+        """Wait until no agent audio has arrived for `quiet_s` from now on, or the agent has
+        left, at most `within_s`."""
+        started = time.monotonic()
+        deadline = started + within_s
+        while not agent_left.is_set():
+            wait = min(max(self.agent_spoke_at, started) + quiet_s, deadline) - time.monotonic()
+            if wait <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await agent_left.wait()
 
     def replace_carrier(self, carrier: CarrierLeg) -> None:
         """A newer stream for the call: what the old one queued is gone with it."""

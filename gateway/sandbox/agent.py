@@ -64,6 +64,10 @@ class AgentBehaviour:
     # After a tool's POST, close the socket this long later (as Line's runtime does once its
     # end-call or transfer tool has run); None: keep it open until the gateway closes it.
     close_after_tool_s: float | None = None
+    # As a Line agent does: the tool's POST goes out at once while the goodbye spoken just
+    # before it is still being synthesised; its audio follows this long after the POST.
+    # None: the goodbye is sent, then the POST.
+    goodbye_after_tool_s: float | None = None
     send_custom: bool = True
     ack_delay_s: float = 0.0
     refuse_status: int = 0  # answer the upgrade with this HTTP status instead
@@ -280,9 +284,15 @@ class AgentEmulator:
         """What a tool written for the hosted connector does: say goodbye, then POST to the
         control URL."""
         url = call.metadata.get("vox_session_control_url", "")
-        await talk.send_all(GOODBYE_HZ, self.behaviour.goodbye_s)
+        late = self.behaviour.goodbye_after_tool_s
+        if late is None:
+            await talk.send_all(GOODBYE_HZ, self.behaviour.goodbye_s)
         async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
             call.control_replies.append((resp.status, await resp.json()))
+        if late is not None:
+            await asyncio.sleep(late)
+            with contextlib.suppress(ConnectionClosed):
+                await talk.send_all(GOODBYE_HZ, self.behaviour.goodbye_s)
         if self.behaviour.close_after_tool_s is not None:
             await asyncio.sleep(self.behaviour.close_after_tool_s)
             call.hung_up_at = time.monotonic()
