@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from gateway.destinations import read_destination
 from gateway.events import (
     AgentAudio,
     AgentClear,
@@ -67,35 +68,18 @@ def custom_frame(stream_id: str, metadata: Mapping[str, Any]) -> str:
     return orjson.dumps({"event": "custom", "stream_id": stream_id, "metadata": metadata}).decode()
 
 
-# Where an agent names a transfer's destination: the Calls API's own field names are not
-# documented, so every shape in use is read. The Line SDK (cartesia-line 0.2.19) models a transfer
-# as `target_phone_number` or `target_sip_uri` (line/events.py AgentTransferCall) and sends it on
-# as `transfer_destination: {"type": "phone" | "sip_uri", "value": ...}` (voice_agent_app.py).
-DESTINATION_FIELDS = ("target_phone_number", "target_sip_uri", "phone_number", "sip_uri", "target", "to")
-DESTINATION_TYPES = frozenset({"phone", "sip_uri"})
-
-
 def _transfer_target(frame: Mapping[str, Any]) -> tuple[str, dict[str, Any], tuple[str, ...]]:
     """(destination, details under `transfer`, destination fields present but unreadable),
-    from the top level of a `transfer_call` frame or under its `transfer`."""
+    from under the frame's `transfer` or its top level (gateway.destinations reads them)."""
     nested = frame.get("transfer")
     details: dict[str, Any] = dict(nested) if isinstance(nested, dict) else {}
-    unreadable: list[str] = []
+    unreadable: tuple[str, ...] = ()
     for source in (details, frame):
-        destination = source.get("transfer_destination")
-        if destination is not None:
-            value = destination.get("value") if isinstance(destination, dict) else None
-            kind = destination.get("type") if isinstance(destination, dict) else None
-            if isinstance(value, str) and value.strip() and kind in DESTINATION_TYPES:
-                return value.strip(), details, ()
-            unreadable.append("transfer_destination")
-        for key in DESTINATION_FIELDS:
-            value = source.get(key)
-            if isinstance(value, str) and value.strip():
-                return value.strip(), details, ()
-            if value is not None and value != "":
-                unreadable.append(key)
-    return "", details, tuple(unreadable)
+        target, bad = read_destination(source)
+        if target:
+            return target, details, ()
+        unreadable += bad
+    return "", details, unreadable
 
 
 def _ack_output_format(frame: Mapping[str, Any]) -> str:

@@ -32,6 +32,11 @@ log = structlog.get_logger(__name__)
 INBOX_SIZE = 8
 # Closing a socket that does not answer is abandoned after this long.
 CLOSE_TIMEOUT_S = 2.0
+# Before an end_call or a transfer asked for through the control API, the agent is given this
+# long, from the request on, without sending audio: a Line agent's tool POSTs at once, while the
+# goodbye it spoke just before is still being synthesised, and its audio can arrive after the
+# POST. Part of END_CALL_DRAIN_S; an agent that closes its socket ends the wait at once.
+AGENT_QUIET_S = 0.7
 
 AgentOpener = Callable[[CallRecord], Awaitable[AgentLeg]]
 TransferPlanner = Callable[[CallRecord, dict[str, Any]], TransferPlan]
@@ -76,6 +81,7 @@ class Session:
         # bridge sends to it once the frames held before the ack have gone out.
         self.agent_socket: AgentLeg | None = None
         self.agent_gone = False
+        self._agent_left_event = asyncio.Event()
         self.carrier_gone = False
         self._inbox: asyncio.Queue[Action] = asyncio.Queue(INBOX_SIZE)
         self._finished = asyncio.Event()
@@ -85,6 +91,7 @@ class Session:
         # Where an accepted end or transfer is taking the call, set before its task runs, so
         # that a second request sees it at once (409, or 200 for a repeated end_call).
         self.intent: State | None = None
+        self._redirected = False  # the transfer's REST update has been sent (its stop follows)
 
     @property
     def carrier(self) -> CarrierLeg | None:
@@ -186,13 +193,7 @@ class Session:
         )
         self.log.info("call_closed", outcome=self.outcome, state=self.state)
         if self._recorder is not None and self._recordings_dir:
-            try:
-                path = await save_recording(self._recorder, self._recordings_dir, self.call_sid)
-            except Exception as exc:
-                self.log.error("recording_not_saved", error=str(exc))
-            else:
-                duration_s = round(self._recorder.duration_s, 2)
-                self.log.info("recording_saved", path=str(path), duration_s=duration_s)
+            await save_recording(self._recorder, self._recordings_dir, self.call_sid, self.log)
 
     def carrier_ended(self, call_status: str) -> None:
         """The carrier reports the call over (status callback): stop bridging, hang up nothing."""
@@ -217,9 +218,17 @@ class Session:
 
     async def caller_left(self, cause: str = "caller_hung_up") -> None:
         self.carrier_gone = True
-        if self.intent == State.TRANSFERRING or self.state in (State.TRANSFERRING, State.TRANSFERRED):
-            # The stream's stop after a redirect, not a hang-up. The transfer task finishes
-            # the call once all its steps are done (a warm transfer has several).
+        if self._redirected:
+            # The stream's stop after the transfer's REST update, not a hang-up. The transfer
+            # task finishes the call once all its steps are done (a warm transfer has several).
+            return
+        if self.intent == State.TRANSFERRING or self.state == State.TRANSFERRING:
+            # The caller hung up while the transfer waited for the agent's last words: a
+            # hang-up, and nobody is dialled.
+            self.log.info(cause, during="transfer_drain")
+            self.outcome = self.outcome or cause
+            await self._transition(State.ENDED, cause=cause)
+            self._finish(cause)
             return
         if self.state == State.ENDING:
             self._finish(self.outcome or "ended")
@@ -284,6 +293,7 @@ class Session:
 
     async def _agent_left(self, code: int | None, reason: str | None) -> None:
         self.agent_gone = True
+        self._agent_left_event.set()
         if self.busy_leaving:
             return  # we are ending or transferring; the inbox task finishes the call
         if ended_by_agent(code, reason):
@@ -297,9 +307,16 @@ class Session:
 
     # Ending
 
-    async def _drain(self) -> None:
-        """Wait until the caller has heard everything the agent said (bounded)."""
-        await self.playout.played_out(self._drain_s)
+    async def _drain(self, *, after_agent_quiet: bool = False) -> None:
+        """Wait until the caller has heard everything the agent said (bounded by the audio
+        queued plus END_CALL_DRAIN_S); first, with `after_agent_quiet`, until the agent has
+        sent no audio for AGENT_QUIET_S (or has left)."""
+        budget = self._drain_s
+        if after_agent_quiet:
+            started = time.monotonic()
+            await self.playout.agent_quiet(AGENT_QUIET_S, budget, self._agent_left_event)
+            budget = max(0.0, budget - (time.monotonic() - started))
+        await self.playout.played_out(budget)
 
     async def _hang_up(self, outcome: str) -> None:
         # Set now: the REST hang-up ends the stream, and the uplink may finish the call first.
@@ -343,14 +360,17 @@ class Session:
 
     async def _end_call(self, reason: str) -> None:
         await self._transition(State.ENDING, cause="end_call", reason=reason)
-        await self._drain()
+        await self._drain(after_agent_quiet=True)
         await self._hang_up("end_call")
 
     async def _transfer(self, plan: TransferPlan) -> None:
         # Marked in the registry before the REST update, so the stream's `stop` that the
         # update causes is not taken for the caller hanging up.
         await self._transition(State.TRANSFERRING, target=plan.target, mode=plan.mode)
-        await self._drain()
+        await self._drain(after_agent_quiet=True)
+        if self.carrier_gone:  # the caller hung up during the drain (caller_left ended the call)
+            return
+        self._redirected = True
         # Emitted first: the update's `stop` may end this task before the REST call returns.
         self.log.info("transfer_started", target=plan.target)
         self._emit("transfer.started", self.call_sid, destination=plan.target, mode=plan.mode)
@@ -362,6 +382,7 @@ class Session:
                 "transfer.failed", self.call_sid, destination=plan.target, mode=plan.mode, error=str(exc)
             )
             if self.carrier_gone:  # the caller hung up while we waited: nothing to transfer
+                await self._transition(State.ENDED, cause="caller_hung_up")
                 self._finish("caller_hung_up")
                 return
             self.intent = None

@@ -30,13 +30,14 @@ LEAVING = frozenset({State.ENDING, State.TRANSFERRING, State.ENDED, State.TRANSF
 # Every legal move. Nothing leaves ENDED; a TRANSFERRED call comes back (RINGING, a new agent
 # session) only when nobody took the transfer. A failed transfer with the agent still there
 # goes back to LIVE; one whose agent has gone still ends as TRANSFERRED (the hang-up follows).
+# A caller who hangs up while the transfer waits for the agent's last words ENDS the call.
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.DIALING: frozenset({State.RINGING}),
     State.RINGING: frozenset({State.CONNECTING}),
     State.CONNECTING: frozenset({State.LIVE, State.ENDING, State.TRANSFERRING, State.ENDED}),
     State.LIVE: frozenset({State.ENDING, State.TRANSFERRING, State.ENDED}),
     State.ENDING: frozenset({State.ENDED}),
-    State.TRANSFERRING: frozenset({State.TRANSFERRED, State.LIVE}),
+    State.TRANSFERRING: frozenset({State.TRANSFERRED, State.LIVE, State.ENDED}),
     State.ENDED: frozenset(),
     State.TRANSFERRED: frozenset({State.RINGING}),
 }

@@ -150,9 +150,10 @@ class TwilioHooks:
         call_sid, status = form.get("CallSid", ""), form.get("DialCallStatus", "")
         destination = request.query_params.get("to", "")
         taken = status not in NOT_TAKEN
-        if form.get("CallStatus") == "completed":  # the caller hung up while it rang
+        if not taken and form.get("CallStatus") == "completed":  # the caller hung up while it rang
             events.emit("transfer.failed", call_sid, destination=destination, status="caller-hung-up")
             return _twiml(twiml.hangup_twiml())
+        # A bridged call that then ended (DialCallStatus=completed) was taken, whoever hung up.
         events.emit(
             "transfer.completed" if taken else "transfer.failed",
             call_sid,

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from gateway.control.parse import error
-from gateway.control.policy import is_e164, is_sip_uri, normalise_destination
+from gateway.destinations import is_e164, is_sip_uri, normalise_destination
 
 MAX_BATCH_RECIPIENTS = 1000
 MACHINE_DETECTION = {"true": "Enable", "enable": "Enable", "detectmessageend": "DetectMessageEnd"}

@@ -76,6 +76,8 @@ class TwilioRestFake:
         self.on_update: UpdateHook | None = None
         self.on_create: CreateHook | None = None
         self.refuse_redirects = False  # answer every TwiML update with a Twilio error
+        self.stall_updates = False  # take call updates and never answer (until `release`)
+        self.release = asyncio.Event()
         self.refuse_creates = False  # answer every new call with a Twilio error
         self.auto_progress: AutoProgress | None = None
         self.created: list[RestRequest] = []
@@ -231,6 +233,8 @@ class TwilioRestFake:
         authorised = self._authorised(request) and account == self.account_sid
         entry = RestRequest("POST", request.url.path, call_sid, form, account, authorised)
         self.requests.append(entry)
+        if self.stall_updates:
+            await self.release.wait()
         response = await self._apply_update(entry, request.url.path)
         entry.answered = response.status_code
         if response.status_code >= 400:

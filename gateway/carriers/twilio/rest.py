@@ -20,7 +20,9 @@ CALL_GONE_CODES = frozenset({20404, 21220})
 # a REST call is on the path of a hang-up or a transfer, so the whole thing stays within seconds.
 MAX_ATTEMPTS = 4
 BACKOFF_S = (0.25, 0.5, 1.0)
-REQUEST_TIMEOUT_S = 10.0
+# Each request's whole time, connect to last byte. The twilio package's async client passes no
+# timeout of its own to aiohttp (whose default is 300 s), so this is the one that applies.
+REQUEST_TIMEOUT_S = 5.0
 
 
 class TwilioRestError(RuntimeError):
@@ -51,7 +53,8 @@ class _RebasedHttpClient(AsyncTwilioHttpClient):
     async def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         if self._api_base != TWILIO_ORIGIN and url.startswith(TWILIO_ORIGIN):
             url = self._api_base + url[len(TWILIO_ORIGIN) :]
-        return await super().request(method, url, *args, **kwargs)
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            return await super().request(method, url, *args, **kwargs)
 
 
 class TwilioCalls:

@@ -91,11 +91,15 @@ def say_and_hangup_twiml(message: str) -> str:
     return str(response)
 
 
+def sip_headers_query(headers: Mapping[str, str]) -> str:
+    """The headers part of a SIP URI, URL-encoded as Twilio receives it."""
+    return "&".join(f"{quote(k, safe='-')}={quote(str(v), safe='')}" for k, v in headers.items())
+
+
 def sip_uri_with_headers(uri: str, headers: Mapping[str, str]) -> str:
     if not headers:
         return uri
-    query = "&".join(f"{quote(k, safe='-')}={quote(str(v), safe='')}" for k, v in headers.items())
-    return f"{uri}{'&' if '?' in uri else '?'}{query}"
+    return f"{uri}{'&' if '?' in uri else '?'}{sip_headers_query(headers)}"
 
 
 def hangup_twiml() -> str:
