@@ -173,18 +173,19 @@ class Session:
         if self.state not in FINAL:
             await self._transition(final, outcome=self.outcome or "ended")
         try:
-            # Only if the entry is still this session's: after a transfer nobody took, a newer
-            # agent session for the same call has its own entry, which must not be touched.
-            current = await self._registry.get(self.call_sid)
-            if current is not None and current.session_hash == self.record.session_hash:
-                if self.state == State.TRANSFERRED:
-                    # Kept a while (with what the transfer wrote to it): if nobody takes the
-                    # transfer, the caller comes back to an agent with this call's metadata.
-                    # Its token is dead already (final state: 404).
-                    current.state = State.TRANSFERRED
-                    await self._registry.put(current, TRANSFERRED_TTL_S)
-                else:
-                    await self._registry.delete(self.call_sid)
+            # Only if the entry is still this session's (its control token): after a transfer
+            # nobody took, or a stream handed over to another instance, a newer session of the
+            # same call has its own entry, which must not be touched.
+            if self.state != State.TRANSFERRED:
+                await self._registry.delete(self.call_sid, self.record.token_hash)
+            elif (current := await self._registry.get(self.call_sid)) is not None and (
+                current.token_hash == self.record.token_hash
+            ):
+                # Kept a while (with what the transfer wrote to it): if nobody takes the
+                # transfer, the caller comes back to an agent with this call's metadata. Its
+                # token is dead already (final state: 404).
+                current.state = State.TRANSFERRED
+                await self._registry.put(current, TRANSFERRED_TTL_S)
         except Exception as exc:
             self.log.warning("registry_cleanup_failed", error=str(exc))
         duration = 0.0 if self._live_since is None else time.monotonic() - self._live_since

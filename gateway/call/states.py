@@ -35,7 +35,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.DIALING: frozenset({State.RINGING}),
     State.RINGING: frozenset({State.CONNECTING}),
     State.CONNECTING: frozenset({State.LIVE, State.ENDING, State.TRANSFERRING, State.ENDED}),
-    State.LIVE: frozenset({State.ENDING, State.TRANSFERRING, State.ENDED}),
+    # A live call's stream that lands on another instance starts a new session there.
+    State.LIVE: frozenset({State.CONNECTING, State.ENDING, State.TRANSFERRING, State.ENDED}),
     State.ENDING: frozenset({State.ENDED}),
     State.TRANSFERRING: frozenset({State.TRANSFERRED, State.LIVE, State.ENDED}),
     State.ENDED: frozenset(),

@@ -116,8 +116,10 @@ class SessionRegistry(abc.ABC):
         """Extend the entry's lifetime (the owner does this while the call is live)."""
 
     @abc.abstractmethod
-    async def delete(self, call_sid: str) -> None:
-        """Forget the call; its control token dies with it."""
+    async def delete(self, call_sid: str, token_hash: str | None = None) -> None:
+        """Forget the call; its control token dies with it. With `token_hash`, only while the
+        call's record still carries that token: a newer session of the call (after a transfer
+        nobody took, or on the instance its stream moved to) keeps its own record."""
 
     @abc.abstractmethod
     async def owner_alive(self, instance_id: str) -> bool: ...

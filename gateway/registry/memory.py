@@ -95,7 +95,11 @@ class MemoryRegistry(SessionRegistry):
         if entry is not None:
             self._calls[call_sid] = (entry[0], time.monotonic() + ttl_s)
 
-    async def delete(self, call_sid: str) -> None:
+    async def delete(self, call_sid: str, token_hash: str | None = None) -> None:
+        entry = self._calls.get(call_sid)
+        if token_hash is not None and entry is not None and entry[0].token_hash != token_hash:
+            self._tokens.pop(token_hash, None)  # the old token, not the newer session's record
+            return
         self._forget(call_sid)
 
     async def owner_alive(self, instance_id: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -19,6 +20,7 @@ from gateway.registry.base import (
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 log = structlog.get_logger("gateway.registry.redis")
 
@@ -31,6 +33,16 @@ OP_TIMEOUT_S = 2.0
 # (and the instance's calls re-registered) well within 5 s.
 BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 2.0
+
+
+def lua(name: str) -> str:
+    """A script from lua/, read once at import; registered per client, run by SHA."""
+    return (Path(__file__).parent / "lua" / name).read_text(encoding="utf-8")
+
+
+RESTORE_SCRIPT = lua("restore.lua")
+FORGET_SCRIPT = lua("forget.lua")
+REWRITE_SCRIPT = lua("rewrite.lua")
 
 
 def _ms(seconds: float) -> int:
@@ -50,6 +62,9 @@ class RedisCore(SessionRegistry):
 
     _prefix: str
     _redis: Redis
+    _restore_script: AsyncScript  # RESTORE_SCRIPT: write a record unless another owns the call
+    _forget_script: AsyncScript  # FORGET_SCRIPT: delete a record only if it is still ours
+    _rewrite_script: AsyncScript  # REWRITE_SCRIPT: update a record only if it is still ours
     _healthy: bool  # False from a failed Redis call until the next successful resync
     _wake: asyncio.Event
     _beat_task: asyncio.Task[None] | None
@@ -112,10 +127,15 @@ class RedisCore(SessionRegistry):
             return None
 
     async def _delete_keys(self, call_sid: str, token_hash: str | None) -> None:
-        if token_hash is None:
-            record = self._decode(await self._redis.get(self._call_key(call_sid)), call_sid)
-            token_hash = record.token_hash if record is not None else None
-        keys = [self._call_key(call_sid)]
+        """Delete the call's keys; with our `token_hash`, only while the record carries it (a
+        stream handed over to another instance leaves that instance's record alone)."""
         if token_hash is not None:
-            keys.append(self._token_key(token_hash))
+            keys = [self._call_key(call_sid), self._token_key(token_hash)]
+            if not await self._forget_script(keys=keys, args=[token_hash]):
+                log.info("registry_call_moved", call_sid=call_sid, kept="the new owner's record")
+            return
+        record = self._decode(await self._redis.get(self._call_key(call_sid)), call_sid)
+        keys = [self._call_key(call_sid)]
+        if record is not None:
+            keys.append(self._token_key(record.token_hash))
         await self._redis.delete(*keys)

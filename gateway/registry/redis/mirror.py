@@ -159,19 +159,21 @@ class MirrorMixin(RedisCore):
                 if call_sid in self._tombstones and self._tombstones[call_sid] == token_hash:
                     del self._tombstones[call_sid]
             pipe = self._redis.pipeline(transaction=False)
-            for _, _, record, remaining, ttl_s in snapshot:
-                self._queue_restore(pipe, record, remaining, ttl_s)
-            await pipe.execute()
+            for _, _, record, remaining, _ in snapshot:
+                await self._queue_restore(pipe, record, remaining)
+            written = await pipe.execute()
             # Writes that raced the snapshot: deleted since (undo ours) or changed since (redo).
-            for call_sid, version, record, _, _ in snapshot:
+            for (call_sid, version, record, _, _), restored in zip(snapshot, written, strict=True):
                 entry = self._mirror.get(call_sid)
-                if entry is None:
+                if not restored:
+                    self._moved(call_sid, entry)
+                elif entry is None:
                     await self._delete_keys(call_sid, record.token_hash)
                 elif entry.version != version:
-                    remaining = entry.remaining_s(time.monotonic())
                     pipe = self._redis.pipeline(transaction=True)
-                    self._queue_restore(pipe, entry.record, remaining, entry.ttl_s)
-                    await pipe.execute()
+                    await self._queue_restore(pipe, entry.record, entry.remaining_s(time.monotonic()))
+                    if not (await pipe.execute())[0]:
+                        self._moved(call_sid, entry)
         except BaseException:
             self._healthy = False
             raise
@@ -184,13 +186,18 @@ class MirrorMixin(RedisCore):
                 after_outage=not was_healthy,
             )
 
-    def _queue_restore(self, pipe: Any, record: CallRecord, remaining_s: float, ttl_s: float) -> None:
-        # A call that only rang here (put with a ringing TTL) may have had its media socket land
-        # on another instance, which then owns it: restore it only if Redis has nothing newer
-        # (NX). A call whose media is here (put with the live TTL) is ours, and our copy wins.
-        nx = ttl_s < LIVE_TTL_S
-        pipe.set(self._call_key(record.call_sid), self._encode(record), px=_ms(remaining_s), nx=nx)
-        pipe.set(self._token_key(record.token_hash), record.call_sid, px=_ms(remaining_s), nx=nx)
+    async def _queue_restore(self, pipe: Any, record: CallRecord, remaining_s: float) -> None:
+        """Write back a record we own, unless the call has another owner now (its record carries
+        another token: the stream was handed over, or a ringing call's media landed elsewhere)."""
+        keys = [self._call_key(record.call_sid), self._token_key(record.token_hash)]
+        args = [self._encode(record), record.token_hash, _ms(remaining_s), record.call_sid]
+        await self._restore_script(keys=keys, args=args, client=pipe)  # queued, run by execute()
+
+    def _moved(self, call_sid: str, entry: _Owned | None) -> None:
+        """Another instance owns the call now: stop holding (and restoring) our old copy."""
+        if entry is not None and self._mirror.get(call_sid) is entry:
+            self._unmirror(call_sid)
+        log.info("registry_call_moved", call_sid=call_sid, kept="the new owner's record")
 
     async def _heartbeat_loop(self, first_delay: float) -> None:
         backoff = BACKOFF_MIN_S

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.registry.redis.core import _UNREACHABLE, OP_TIMEOUT_S, RedisCore, _ms
+from gateway.registry.redis.core import _UNREACHABLE, OP_TIMEOUT_S, RedisCore, _ms, lua
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
     from gateway.registry.memory import RateWindows
 
-# Read once at import; `RedisRegistry` registers it (run by SHA, loaded when Redis lacks it).
-RATE_SCRIPT = (Path(__file__).parent / "lua" / "rate.lua").read_text(encoding="utf-8")
+RATE_SCRIPT = lua("rate.lua")
 
 
 class RatesMixin(RedisCore):

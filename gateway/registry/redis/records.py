@@ -105,10 +105,11 @@ class RecordsMixin(MirrorMixin):
                 entry.version = self._next_version()
                 if self._deferring():
                     return
+                record = entry.record
                 async with asyncio.timeout(OP_TIMEOUT_S):
-                    await self._redis.set(
-                        self._call_key(call_sid), self._encode(entry.record), xx=True, keepttl=True
-                    )
+                    keys, args = [self._call_key(call_sid)], [self._encode(record), record.token_hash]
+                    if await self._rewrite_script(keys=keys, args=args) == -1:
+                        self._moved(call_sid, entry)
             else:
                 async with asyncio.timeout(OP_TIMEOUT_S):
                     await self._set_state_remote(call_sid, state)
@@ -158,9 +159,11 @@ class RecordsMixin(MirrorMixin):
         except _UNREACHABLE as exc:
             self._write_failed("refresh", call_sid, exc, deferred=entry is not None)
 
-    async def delete(self, call_sid: str) -> None:
-        entry = self._unmirror(call_sid)
-        token_hash = entry.record.token_hash if entry is not None else None
+    async def delete(self, call_sid: str, token_hash: str | None = None) -> None:
+        entry = self._mirror.get(call_sid)
+        if token_hash is None or (entry is not None and entry.record.token_hash == token_hash):
+            entry = self._unmirror(call_sid)  # ours to forget (a newer session's stays)
+            token_hash = entry.record.token_hash if entry is not None else token_hash
         if self._deferring():
             self._tombstone(call_sid, token_hash)
             return

@@ -13,7 +13,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.registry.base import ROUTE_TIMEOUT_S, RegistryUnavailable, RouteHandler, new_instance_id
 from gateway.registry.memory import RateWindows
-from gateway.registry.redis.core import _UNREACHABLE, BACKOFF_MIN_S, OP_TIMEOUT_S, log
+from gateway.registry.redis.core import (
+    _UNREACHABLE,
+    BACKOFF_MIN_S,
+    FORGET_SCRIPT,
+    OP_TIMEOUT_S,
+    RESTORE_SCRIPT,
+    REWRITE_SCRIPT,
+    log,
+)
 from gateway.registry.redis.rates import RATE_SCRIPT, RatesMixin
 from gateway.registry.redis.records import RecordsMixin
 from gateway.registry.redis.routing import RoutingMixin
@@ -58,6 +66,9 @@ class RedisRegistry(RecordsMixin, RoutingMixin, RatesMixin):
         self._blocking = Redis(connection_pool=self._pools[1])
         self._sub_client = Redis(connection_pool=self._pools[2])
         self._rate_script = self._redis.register_script(RATE_SCRIPT)
+        self._restore_script = self._redis.register_script(RESTORE_SCRIPT)
+        self._forget_script = self._redis.register_script(FORGET_SCRIPT)
+        self._rewrite_script = self._redis.register_script(REWRITE_SCRIPT)
         self._local_rates = RateWindows()
 
         self._mirror = {}
