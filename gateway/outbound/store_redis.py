@@ -11,13 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from gateway.outbound.parse import BatchSpec
 from gateway.outbound.store import IDEMPOTENCY_TTL_S, SLOT_TTL_S, OutboundStore
 
 # Batches and their progress are kept this long after they finish, for GET /calls/batch/{id}.
 BATCH_TTL_S = 7 * 86400
+# Connections to Redis for the outbound store; a command waits this long for a free one.
+MAX_CONNECTIONS = 32
+POOL_WAIT_S = 5.0
+SOCKET_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 1.0
 
 _LUA_DIR = Path(__file__).parent / "lua"
 
@@ -39,7 +44,17 @@ class RedisOutboundStore(OutboundStore):
     """Shared by every instance on one Redis; survives any instance's restart."""
 
     def __init__(self, url: str, key_prefix: str = "lgw:") -> None:
-        self._redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0, max_connections=16)
+        # A blocking pool: past MAX_CONNECTIONS a command waits up to POOL_WAIT_S for one, where
+        # redis-py's default pool raises at once. A burst of status callbacks during a large
+        # batch is taken whole, and Twilio does not retry a callback answered 503.
+        self._pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_WAIT_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+        )
+        self._redis = Redis(connection_pool=self._pool)
         self._p = key_prefix
         self._pace = self._redis.register_script(_PACE)
         self._acquire = self._redis.register_script(_ACQUIRE)
@@ -50,6 +65,7 @@ class RedisOutboundStore(OutboundStore):
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._pool.aclose()  # a pool handed to Redis() is not closed with it
 
     def _k(self, *parts: str) -> str:
         return self._p + ":".join(parts)

@@ -84,6 +84,7 @@ class TwilioRestFake:
         self.active = 0
         self.max_active = 0
         self.callbacks_posted: list[tuple[str, str]] = []  # (call_sid, status)
+        self.callbacks_answered: list[int] = []  # the gateway's HTTP status for each callback
         self._tasks: set[asyncio.Task[None]] = set()
         self.app = Starlette(
             routes=[
@@ -207,6 +208,7 @@ class TwilioRestFake:
             # encoded=True: send the URL byte for byte as signed, as Twilio does
             http.post(URL(url, encoded=True), data=params, headers={"X-Twilio-Signature": signature}) as resp,
         ):
+            self.callbacks_answered.append(resp.status)
             return resp.status
 
     async def _record(self, request: Request) -> Response:
