@@ -5,6 +5,7 @@ import asyncio
 import time
 
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.registry.redis import RedisRegistry
 from gateway.sandbox.harness import sandbox
@@ -41,3 +42,46 @@ async def test_every_status_callback_of_a_1000_call_batch_is_answered_2xx():
     assert done["done"] == 1000, done
     assert len(answered) >= 2500  # initiated, in-progress and the outcome for each call, and the burst
     assert [s for s in answered if not 200 <= s < 300] == [], f"refused callbacks (batch took {took:.0f} s)"
+
+
+async def _redis_work_per_dial(server: RedisServer, n: int) -> tuple[float, float]:
+    """Run an n-recipient batch to its end; the Redis commands and bytes out per dial."""
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        await client.flushall()
+        async with sandbox(
+            registry=RedisRegistry(server.url),
+            redis_url=server.url,
+            gateway_api_key=API_KEY,
+            calls_per_second=1000.0,
+            max_concurrent_calls=1000,
+            outbound_from="+15550000001",
+        ) as box:
+            box.rest.auto_progress = AutoProgress(ring_s=0.02, talk_s=0.05)
+            await client.config_resetstat()
+            status, reply = await api("POST", box.url + "/calls/batch", {"recipients": numbers(n)})
+            assert status == 202
+            async with asyncio.timeout(120):  # polled in Redis itself, not through the API
+                while await client.sismember("lgw:batches", reply["batch_id"]):  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+            commands = sum(v["calls"] for v in (await client.info("commandstats")).values())
+            bytes_out = (await client.info("stats"))["total_net_output_bytes"]
+            status, done = await api("GET", box.url + f"/calls/batch/{reply['batch_id']}")
+            assert done["done"] == n, done
+    finally:
+        await client.aclose()
+    return commands / n, bytes_out / n
+
+
+@needs_redis
+async def test_a_dial_costs_the_same_redis_work_in_a_batch_of_1000_as_in_one_of_200():
+    with RedisServer() as server:
+        small = await _redis_work_per_dial(server, 200)
+        large = await _redis_work_per_dial(server, 1000)
+    commands_200, bytes_200 = small
+    commands_1000, bytes_1000 = large
+    # Flat: the large batch's dials cost what the small one's do (before: every dial and every
+    # sweep read the whole batch, 139 KiB per dial at 1,000 against 28 KiB at 200).
+    assert commands_1000 < 1.3 * commands_200, (small, large)
+    assert bytes_1000 < 1.3 * bytes_200, (small, large)
+    assert bytes_1000 < 4096, large

@@ -40,7 +40,6 @@ MAX_START_WAIT_S = 10.0
 MAX_PARALLEL_CREATES = 8
 WORKER_IDLE_S = 0.2
 FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
-TERMINAL = frozenset({"done", "failed"})
 
 
 CreateCall = Callable[..., Awaitable[str]]  # TwilioCalls.create_call
@@ -69,6 +68,7 @@ class Dialer:
         self._worker: asyncio.Task[None] | None = None
         self._creates = asyncio.Semaphore(MAX_PARALLEL_CREATES)
         self._jobs: set[asyncio.Task[None]] = set()
+        self._specs: dict[str, BatchSpec] = {}  # the batches this instance is dialling
 
     async def start(self) -> None:
         self._worker = asyncio.create_task(self._run_batches(), name="batch-worker")
@@ -217,9 +217,10 @@ class Dialer:
         wait = await self.store.reserve_start(self._rate)
         if wait > 0:
             await asyncio.sleep(wait)
-        found = await self.store.batch(batch_id)
-        assert found is not None
-        spec = found[0]
+        spec = await self._spec(batch_id)
+        if spec is None:  # the batch expired under us: nobody to call
+            await self.store.release_slot(slot)
+            return False
         await self._creates.acquire()
         job = asyncio.create_task(self._dial_recipient(spec, index, slot))
         self._jobs.add(job)
@@ -255,22 +256,35 @@ class Dialer:
         finally:
             self._creates.release()
 
+    async def _spec(self, batch_id: str) -> BatchSpec | None:
+        """The batch's spec, read once per instance: it never changes, and a dial must not read
+        the whole batch from the store (a 1,000-recipient batch is ~50 KiB)."""
+        spec = self._specs.get(batch_id)
+        if spec is None:
+            spec = await self.store.spec(batch_id)
+            if spec is not None:
+                self._specs[batch_id] = spec
+        return spec
+
     async def _sweep(self, batch_id: str) -> None:
-        """Requeue claims of dead instances that never dialled; close finished batches."""
-        found = await self.store.batch(batch_id)
-        if found is None:
+        """Requeue claims of dead instances that never dialled; close finished batches. Reads
+        only the stale claims and the count of finished recipients, not the whole batch."""
+        spec = await self._spec(batch_id)
+        if spec is None:
             await self.store.finish_batch(batch_id)
             return
-        spec, states = found
-        now = time.time()
-        for index, state in states.items():
-            if state.get("status") != "claimed" or now - state.get("at", now) < STALE_CLAIM_S:
+        stale = await self.store.stale_claims(batch_id, time.time() - STALE_CLAIM_S)
+        for index, state in stale.items():
+            if state.get("status") != "claimed":
                 continue
             owner = state.get("owner", "")
             if owner != self._registry.instance_id and not await self._registry.owner_alive(owner):
                 log.warning("batch_claim_requeued", batch_id=batch_id, index=index)
                 await self.store.release_slot(state.get("slot", ""))
                 await self.store.requeue(batch_id, index)
-        if all(s.get("status") in TERMINAL for s in states.values()):
+        if await self.store.finished(batch_id) >= len(spec.recipients):
+            found = await self.store.batch(batch_id)  # once, for the closing log line
             await self.store.finish_batch(batch_id)
-            log.info("batch_finished", batch_id=batch_id, **progress(spec, states))
+            self._specs.pop(batch_id, None)
+            if found is not None:
+                log.info("batch_finished", batch_id=batch_id, **progress(*found))

@@ -16,6 +16,8 @@ from gateway.outbound.parse import BatchSpec
 SLOT_TTL_S = 4 * 3600
 # A client's Idempotency-Key is honoured this long (a retry after a timeout comes within it).
 IDEMPOTENCY_TTL_S = 24 * 3600
+# A recipient in one of these is finished (the batch is over when all are).
+TERMINAL = frozenset({"done", "failed"})
 
 
 class OutboundStore(abc.ABC):
@@ -40,6 +42,18 @@ class OutboundStore(abc.ABC):
     @abc.abstractmethod
     async def batch(self, batch_id: str) -> tuple[BatchSpec, dict[int, dict[str, Any]]] | None:
         """The batch and each recipient's state (index -> state)."""
+
+    @abc.abstractmethod
+    async def spec(self, batch_id: str) -> BatchSpec | None:
+        """The batch as it was created (it never changes; the dialer keeps it)."""
+
+    @abc.abstractmethod
+    async def stale_claims(self, batch_id: str, claimed_before: float) -> dict[int, dict[str, Any]]:
+        """Recipients still claimed, claimed before `claimed_before` (time.time()): their states."""
+
+    @abc.abstractmethod
+    async def finished(self, batch_id: str) -> int:
+        """How many of the batch's recipients are done or failed."""
 
     @abc.abstractmethod
     async def active_batches(self) -> list[str]: ...

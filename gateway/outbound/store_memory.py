@@ -7,7 +7,7 @@ from collections import deque
 from typing import Any
 
 from gateway.outbound.parse import BatchSpec
-from gateway.outbound.store import IDEMPOTENCY_TTL_S, SLOT_TTL_S, OutboundStore
+from gateway.outbound.store import IDEMPOTENCY_TTL_S, SLOT_TTL_S, TERMINAL, OutboundStore
 
 # Finished batches the embedded store keeps for GET /calls/batch/{id}, oldest forgotten first.
 MAX_FINISHED_BATCHES_IN_MEMORY = 100
@@ -23,6 +23,8 @@ class MemoryOutboundStore(OutboundStore):
         self._batches: dict[str, BatchSpec] = {}
         self._states: dict[str, dict[int, dict[str, Any]]] = {}
         self._pending: dict[str, deque[int]] = {}
+        self._claims: dict[str, dict[int, float]] = {}  # batch -> index -> when claimed
+        self._done: dict[str, int] = {}  # batch -> recipients done or failed
         self._finished: deque[str] = deque()
         self._keys: dict[str, tuple[str, float]] = {}
 
@@ -57,6 +59,16 @@ class MemoryOutboundStore(OutboundStore):
             return None
         return self._batches[batch_id], {i: dict(s) for i, s in self._states[batch_id].items()}
 
+    async def spec(self, batch_id: str) -> BatchSpec | None:
+        return self._batches.get(batch_id)
+
+    async def stale_claims(self, batch_id: str, claimed_before: float) -> dict[int, dict[str, Any]]:
+        claims, states = self._claims.get(batch_id, {}), self._states.get(batch_id, {})
+        return {i: dict(states[i]) for i, at in claims.items() if at <= claimed_before and i in states}
+
+    async def finished(self, batch_id: str) -> int:
+        return self._done.get(batch_id, 0)
+
     async def active_batches(self) -> list[str]:
         return list(self._pending)
 
@@ -65,7 +77,9 @@ class MemoryOutboundStore(OutboundStore):
         if not pending:
             return None
         index = pending.popleft()
-        self._states[batch_id][index] = {"status": "claimed", "owner": owner, "slot": slot, "at": time.time()}
+        now = time.time()
+        self._states[batch_id][index] = {"status": "claimed", "owner": owner, "slot": slot, "at": now}
+        self._claims.setdefault(batch_id, {})[index] = now
         return index
 
     async def update(
@@ -74,7 +88,12 @@ class MemoryOutboundStore(OutboundStore):
         states = self._states.get(batch_id)
         if states is None or index not in states or states[index].get("status") not in only_from:
             return False
-        states[index] = {**states[index], **state}
+        was, states[index] = states[index].get("status"), {**states[index], **state}
+        now = states[index].get("status")
+        if was == "claimed" and now != "claimed":
+            self._claims.get(batch_id, {}).pop(index, None)
+        if now in TERMINAL:
+            self._done[batch_id] = self._done.get(batch_id, 0) + 1
         return True
 
     async def requeue(self, batch_id: str, index: int) -> None:
@@ -88,6 +107,8 @@ class MemoryOutboundStore(OutboundStore):
             old = self._finished.popleft()
             self._batches.pop(old, None)
             self._states.pop(old, None)
+            self._claims.pop(old, None)
+            self._done.pop(old, None)
 
     async def remember(self, key: str, value: str) -> str | None:
         now = time.monotonic()

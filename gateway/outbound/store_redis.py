@@ -97,30 +97,50 @@ class RedisOutboundStore(OutboundStore):
             await pipe.execute()
 
     async def batch(self, batch_id: str) -> tuple[BatchSpec, dict[int, dict[str, Any]]] | None:
-        raw = await self._redis.get(self._k("batch", batch_id, "spec"))
-        if raw is None:
+        spec = await self.spec(batch_id)
+        if spec is None:
             return None
         states = await self._redis.hgetall(self._k("batch", batch_id, "state"))
-        return BatchSpec.from_json(raw), {int(i): orjson.loads(s) for i, s in states.items()}
+        return spec, {int(i): orjson.loads(s) for i, s in states.items()}
+
+    async def spec(self, batch_id: str) -> BatchSpec | None:
+        raw = await self._redis.get(self._k("batch", batch_id, "spec"))
+        return None if raw is None else BatchSpec.from_json(raw)
+
+    async def stale_claims(self, batch_id: str, claimed_before: float) -> dict[int, dict[str, Any]]:
+        claims = self._k("batch", batch_id, "claims")
+        indices = await self._redis.zrangebyscore(claims, "-inf", claimed_before)
+        if not indices:
+            return {}
+        states = await self._redis.hmget(self._k("batch", batch_id, "state"), indices)
+        return {int(i): orjson.loads(s) for i, s in zip(indices, states, strict=True) if s is not None}
+
+    async def finished(self, batch_id: str) -> int:
+        return int(await self._redis.get(self._k("batch", batch_id, "finished")) or 0)
 
     async def active_batches(self) -> list[str]:
         return [b.decode() for b in await self._redis.smembers(self._k("batches"))]
 
+    def _batch_keys(self, batch_id: str, *names: str) -> list[str]:
+        return [self._k("batch", batch_id, name) for name in names]
+
     async def claim(self, batch_id: str, owner: str, slot: str) -> int | None:
-        state = orjson.dumps({"status": "claimed", "owner": owner, "slot": slot, "at": time.time()})
-        keys = [self._k("batch", batch_id, "pending"), self._k("batch", batch_id, "state")]
-        index = await self._claim(keys=keys, args=[state])
+        now = time.time()
+        state = orjson.dumps({"status": "claimed", "owner": owner, "slot": slot, "at": now})
+        keys = self._batch_keys(batch_id, "pending", "state", "claims")
+        index = await self._claim(keys=keys, args=[state, now, BATCH_TTL_S])
         return None if index is None else int(index)
 
     async def update(
         self, batch_id: str, index: int, state: dict[str, Any], *, only_from: tuple[str, ...]
     ) -> bool:
-        keys = [self._k("batch", batch_id, "state")]
-        return bool(await self._update(keys=keys, args=[index, orjson.dumps(state), *only_from]))
+        keys = self._batch_keys(batch_id, "state", "claims", "finished")
+        args = [index, orjson.dumps(state), BATCH_TTL_S, *only_from]
+        return bool(await self._update(keys=keys, args=args))
 
     async def requeue(self, batch_id: str, index: int) -> None:
         # One script: a crash between marking it pending and queueing it would lose it.
-        keys = [self._k("batch", batch_id, "state"), self._k("batch", batch_id, "pending")]
+        keys = self._batch_keys(batch_id, "state", "pending", "claims")
         await self._requeue(keys=keys, args=[index, orjson.dumps({"status": "pending"})])
 
     async def finish_batch(self, batch_id: str) -> None:
