@@ -86,6 +86,7 @@ class Gateway:
             self.url,
             calls_per_second=s.calls_per_second,
             max_concurrent=s.max_concurrent_calls,
+            find_call=self.calls.find_call,
         )
         await self.dialer.start()
         self._started = True

@@ -3,7 +3,9 @@ GATEWAY_API_KEY, with Idempotency-Key so that a client's retry never rings anyon
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,9 +16,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.call.actions import ActionRefused
+from gateway.carriers.twilio.rest import TwilioRestError
 from gateway.control.parse import error
 from gateway.http.bodies import error_response, json_body, json_response, read_bounded
 from gateway.outbound import parse
+from gateway.outbound.dialer import CallOutcomeUnknown
 from gateway.registry.base import RegistryUnavailable
 from gateway.services import Gateway
 
@@ -24,7 +28,22 @@ MAX_API_BODY_BYTES = 16 * 1024
 MAX_BATCH_BODY_BYTES = 1024 * 1024  # 1,000 recipients with some metadata each
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 
-Starter = Callable[[Any], Awaitable[tuple[int, dict[str, Any]]]]
+Starter = Callable[[Any, str], Awaitable[tuple[int, dict[str, Any]]]]
+# A request still `pending` after this long died with its instance (the longest takes ~25 s:
+# its turn under CALLS_PER_SECOND, then Twilio's answer).
+PENDING_STALE_S = 60.0
+# An unanswered create is taken as not made only when no call shows up this long after it.
+SETTLE_AFTER_S = 15.0
+
+
+def _unknown_body() -> dict[str, Any]:
+    return {
+        "ok": True,
+        "call_sid": None,
+        "status": "unknown",
+        "message": "Twilio did not answer in time, so the call may exist; retry with the same "
+        "Idempotency-Key to learn its SID (it will not ring twice)",
+    }
 
 
 class OutboundApi:
@@ -57,7 +76,8 @@ class OutboundApi:
         """Auth, body, draining, store errors and Idempotency-Key, for POST /calls and /calls/batch.
 
         With an Idempotency-Key, a client retrying after a timeout gets the first answer back
-        instead of ringing someone twice.
+        instead of ringing someone twice: when that first attempt's outcome is unknown (Twilio
+        did not answer the create), or the instance handling it died, the retry settles it.
         """
         store = self.gw.dialer.store
         key = request.headers.get("idempotency-key", "")
@@ -69,42 +89,82 @@ class OutboundApi:
             if self.gw.draining:
                 raise error(503, "draining", "this instance is shutting down; retry")
             if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-                raise error(
-                    400, "bad_field", f"Idempotency-Key is at most {MAX_IDEMPOTENCY_KEY_CHARS} characters"
-                )
+                too_long = f"Idempotency-Key is at most {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+                raise error(400, "bad_field", too_long)
             payload = json_body(await read_bounded(request, limit))
             if key:
-                earlier = await store.remember(remembered, "pending")
-                if earlier == "pending":
-                    raise error(409, "in_progress", "a request with this Idempotency-Key is under way")
+                pending = orjson.dumps({"pending": time.time()}).decode()
+                earlier = await store.remember(remembered, pending)
                 if earlier:
-                    status, body = orjson.loads(earlier)
-                    return json_response(body, status)
+                    answer = await self._earlier(remembered, earlier, payload)
+                    if answer is not None:
+                        return json_response(answer[1], answer[0])
+                    await store.settle(remembered, pending)  # this request carries it on
             try:
-                status, body = await start(payload)
+                status, body = await start(payload, remembered if key else "")
+                stored: list[Any] = [status, body]
+            except CallOutcomeUnknown as unknown:
+                status, body = 202, _unknown_body()
+                stored = [status, body, unknown.attempt]
             except BaseException:
                 if key:
                     await store.settle(remembered, "")
                 raise
             if key:
-                await store.settle(remembered, orjson.dumps([status, body]).decode())
+                await store.settle(remembered, orjson.dumps(stored).decode())
         except ActionRefused as exc:
             return error_response(exc)
+        except TwilioRestError as exc:  # a lookup that settles an earlier attempt failed
+            return error_response(error(503, "twilio_unreachable", f"{exc}; retry"))
         except (RegistryUnavailable, RedisError, OSError):
             return error_response(error(503, "store_unavailable", "the shared store is unreachable; retry"))
         return json_response(body, status)
+
+    async def _earlier(self, remembered: str, earlier: str, payload: Any) -> tuple[int, Any] | None:
+        """The answer for a retried Idempotency-Key, or None when this request must carry on
+        (the earlier one made no call, or died before it could)."""
+        value = orjson.loads(earlier)
+        if isinstance(value, list) and len(value) == 2:
+            return value[0], value[1]  # settled
+        dialer = self.gw.dialer
+        if isinstance(value, list):  # Twilio did not answer the create: did it make the call?
+            attempt = value[2]
+            call_sid = await dialer.settle(attempt["to"], attempt["from"], attempt["at"])
+            if call_sid is None and time.time() - attempt["at"] < SETTLE_AFTER_S:
+                return 202, _unknown_body()  # too early to say no: its callback may still come
+            if call_sid is None:
+                await dialer.store.release_slot(attempt["slot"])
+                return None
+            answer = [201, {"ok": True, "call_sid": call_sid}]
+            await dialer.store.settle(remembered, orjson.dumps(answer).decode())
+            return answer[0], answer[1]
+        since = value.get("pending", 0.0) if isinstance(value, dict) else 0.0
+        if time.time() - since < PENDING_STALE_S:
+            raise error(409, "in_progress", "a request with this Idempotency-Key is under way")
+        # The instance handling it died. A batch is created under an id the key decides, so it
+        # cannot be created twice; a call is looked up before it is dialled again.
+        if remembered.startswith("/calls:") and isinstance(payload, dict):
+            args = parse.parse_call(payload, **self._defaults())
+            call_sid = await dialer.settle(args["to"], args["from_"], since)
+            if call_sid is not None:
+                answer = [201, {"ok": True, "call_sid": call_sid}]
+                await dialer.store.settle(remembered, orjson.dumps(answer).decode())
+                return answer[0], answer[1]
+        return None
 
     def _defaults(self) -> dict[str, str]:
         s = self.gw.settings
         return {"default_from": s.outbound_from or s.transfer_caller_id, "default_agent": s.cartesia_agent_id}
 
-    async def _start_call(self, payload: Any) -> tuple[int, dict[str, Any]]:
+    async def _start_call(self, payload: Any, _key: str) -> tuple[int, dict[str, Any]]:
         args = parse.parse_call(payload, **self._defaults())
         call_sid = await self.gw.dialer.start_call(args)
         return 201, {"ok": True, "call_sid": call_sid}
 
-    async def _start_batch(self, payload: Any) -> tuple[int, dict[str, Any]]:
+    async def _start_batch(self, payload: Any, key: str) -> tuple[int, dict[str, Any]]:
         spec = parse.parse_batch(payload, **self._defaults())
+        if key:  # a retry after a crash creates the same batch, not a second one
+            spec.batch_id = "BA" + hashlib.sha256(key.encode()).hexdigest()[:32]
         await self.gw.dialer.start_batch(spec)
         return 202, {"ok": True, "batch_id": spec.batch_id, "total": len(spec.recipients)}
 

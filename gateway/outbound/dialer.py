@@ -43,6 +43,18 @@ FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "cancele
 
 
 CreateCall = Callable[..., Awaitable[str]]  # TwilioCalls.create_call
+FindCall = Callable[..., Awaitable[str | None]]  # TwilioCalls.find_call
+
+
+class CallOutcomeUnknown(Exception):
+    """Twilio did not answer a call's creation: the call may exist. `attempt` says what to look
+    for ({"slot", "to", "from", "at"}); the slot stays held until it is settled."""
+
+    def __init__(self, attempt: dict[str, Any]) -> None:
+        super().__init__("Twilio did not answer the call's creation; it may exist")
+        self.attempt = attempt
+
+
 UrlBuilder = Callable[[str, str], str]
 
 
@@ -58,10 +70,12 @@ class Dialer:
         *,
         calls_per_second: float,
         max_concurrent: int,
+        find_call: FindCall | None = None,
     ) -> None:
         self.store = store
         self._registry = registry
         self._create_call = create_call
+        self._find_call = find_call
         self._url = url
         self._rate = calls_per_second
         self._cap = max_concurrent
@@ -103,10 +117,20 @@ class Dialer:
         except BaseException:
             await self.store.release_slot(slot)
             raise
+        attempted_at = time.time()
         try:
-            return await self.dial(**args, slot=slot)  # frees the slot if it fails
+            return await self.dial(**args, slot=slot)  # frees the slot if it surely failed
         except TwilioRestError as exc:
+            if exc.ambiguous:
+                attempt = {"slot": slot, "to": args["to"], "from": args["from_"], "at": attempted_at}
+                raise CallOutcomeUnknown(attempt) from None
             raise error(502, "twilio_refused", str(exc)) from None
+
+    async def settle(self, to: str, from_: str, since: float) -> str | None:
+        """The SID of the call an unanswered create made, if Twilio has one (a REST lookup)."""
+        if self._find_call is None:
+            return None
+        return await self._find_call(to=to, from_=from_, created_after=since)
 
     async def start_batch(self, spec: BatchSpec) -> None:
         """A batch for `POST /calls/batch`: stored, and dialled by every instance's worker."""
@@ -142,6 +166,12 @@ class Dialer:
             fields["machine_detection"] = machine_detection
         try:
             call_sid = await self._create_call(**fields)
+        except TwilioRestError as exc:
+            if exc.ambiguous:  # the call may exist: its slot is freed only once that is settled
+                log.warning("outbound_create_unanswered", to_suffix=to[-4:], error=str(exc))
+            else:
+                await self.store.release_slot(slot)
+            raise
         except Exception:
             await self.store.release_slot(slot)
             raise
@@ -240,7 +270,11 @@ class Dialer:
                 status_query={"batch": spec.batch_id, "r": str(index)},
             )
         except TwilioRestError as exc:
-            if exc.nothing_created:  # Twilio was too busy: nobody was called, try again later
+            if exc.ambiguous:  # still claimed: its callback, or the sweep's lookup, settles it
+                await self.store.update(
+                    spec.batch_id, index, {"unanswered_at": time.time()}, only_from=("claimed",)
+                )
+            elif exc.nothing_created:  # Twilio was too busy: nobody was called, try again later
                 log.warning("batch_call_deferred", batch_id=spec.batch_id, index=index, error=str(exc))
                 await asyncio.sleep(BUSY_RETRY_S)
                 await self.store.requeue(spec.batch_id, index)
@@ -255,6 +289,19 @@ class Dialer:
             )
         finally:
             self._creates.release()
+
+    async def _settle_recipient(self, spec: BatchSpec, index: int, state: dict[str, Any]) -> None:
+        """A create Twilio never answered, and no callback since: did it make the call?"""
+        to = spec.recipients[index].to
+        call_sid = await self.settle(to, spec.from_, state.get("at", state["unanswered_at"]))
+        if call_sid is not None:
+            log.info("batch_create_settled", batch_id=spec.batch_id, index=index, call_sid=call_sid)
+            state = {"status": "dialled", "call_sid": call_sid}
+            await self.store.update(spec.batch_id, index, state, only_from=("claimed",))
+        else:  # nobody was called: dial them again
+            log.info("batch_create_settled", batch_id=spec.batch_id, index=index, call_sid=None)
+            await self.store.release_slot(state.get("slot", ""))
+            await self.store.requeue(spec.batch_id, index)
 
     async def _spec(self, batch_id: str) -> BatchSpec | None:
         """The batch's spec, read once per instance: it never changes, and a dial must not read
@@ -278,7 +325,10 @@ class Dialer:
             if state.get("status") != "claimed":
                 continue
             owner = state.get("owner", "")
-            if owner != self._registry.instance_id and not await self._registry.owner_alive(owner):
+            ours = owner == self._registry.instance_id
+            if "unanswered_at" in state and (ours or not await self._registry.owner_alive(owner)):
+                await self._settle_recipient(spec, index, state)
+            elif not ours and not await self._registry.owner_alive(owner):
                 log.warning("batch_claim_requeued", batch_id=batch_id, index=index)
                 await self.store.release_slot(state.get("slot", ""))
                 await self.store.requeue(batch_id, index)

@@ -50,6 +50,8 @@ class MemoryOutboundStore(OutboundStore):
         return len(self._slots)
 
     async def create_batch(self, spec: BatchSpec) -> None:
+        if spec.batch_id in self._batches:
+            return  # a retried request (same Idempotency-Key, same batch id): created already
         self._batches[spec.batch_id] = spec
         self._states[spec.batch_id] = {i: {"status": "pending"} for i in range(len(spec.recipients))}
         self._pending[spec.batch_id] = deque(range(len(spec.recipients)))

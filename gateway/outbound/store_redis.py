@@ -86,6 +86,8 @@ class RedisOutboundStore(OutboundStore):
 
     async def create_batch(self, spec: BatchSpec) -> None:
         bid = spec.batch_id
+        if await self._redis.exists(self._k("batch", bid, "spec")):
+            return  # a retried request (same Idempotency-Key, same batch id): created already
         pending = {str(i): orjson.dumps({"status": "pending"}) for i in range(len(spec.recipients))}
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._k("batch", bid, "spec"), spec.to_json(), ex=BATCH_TTL_S)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -77,10 +78,13 @@ class TwilioRestFake:
         self.on_create: CreateHook | None = None
         self.refuse_redirects = False  # answer every TwiML update with a Twilio error
         self.stall_updates = False  # take call updates and never answer (until `release`)
+        self.stall_creates = 0  # create this many more calls, and never answer those requests
         self.release = asyncio.Event()
         self.refuse_creates = False  # answer every new call with a Twilio error
         self.auto_progress: AutoProgress | None = None
         self.created: list[RestRequest] = []
+        self.created_at: dict[str, float] = {}  # call SID -> time.time() of its creation
+        self.lookups: list[tuple[str, str]] = []  # (To, From) of each call list request
         self.active = 0
         self.max_active = 0
         self.callbacks_posted: list[tuple[str, str]] = []  # (call_sid, status)
@@ -89,6 +93,7 @@ class TwilioRestFake:
         self.app = Starlette(
             routes=[
                 Route("/2010-04-01/Accounts/{account}/Calls.json", self._create, methods=["POST"]),
+                Route("/2010-04-01/Accounts/{account}/Calls.json", self._list, methods=["GET"]),
                 Route("/2010-04-01/Accounts/{account}/Calls/{call}.json", self._update, methods=["POST"]),
                 Route(
                     "/2010-04-01/Accounts/{account}/Calls/{call}/Recordings.json",
@@ -167,11 +172,41 @@ class TwilioRestFake:
         self.calls[call_sid] = "queued"
         if self.on_create is not None:
             await self.on_create(call_sid, form)
+        self.created_at[call_sid] = time.time()
+        if self.stall_creates:
+            # Twilio made the call, and its answer is lost on the way; its status callbacks
+            # are held up too, until `release` (the gateway's own lookup must settle it).
+            self.stall_creates -= 1
+            await self.release.wait()
         if self.auto_progress is not None and form.get("StatusCallback"):
             task = asyncio.create_task(self._progress(call_sid, form, self.auto_progress))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return JSONResponse({"sid": call_sid, "account_sid": account, "status": "queued"}, status_code=201)
+
+    async def _list(self, request: Request) -> Response:
+        """Calls, newest first, filtered by `To` and `From` as Twilio's list is."""
+        authorised = self._authorised(request) and request.path_params["account"] == self.account_sid
+        if not authorised:
+            return self._error(401, 20003, "Authenticate")
+        to, from_ = request.query_params.get("To"), request.query_params.get("From")
+        self.lookups.append((to or "", from_ or ""))
+        rows = [
+            {
+                "sid": entry.call_sid,
+                "account_sid": self.account_sid,
+                "to": entry.form.get("To"),
+                "from": entry.form.get("From"),
+                "status": self.calls.get(entry.call_sid, "queued"),
+                "date_created": email.utils.formatdate(self.created_at[entry.call_sid], usegmt=True),
+            }
+            for entry in reversed(self.created)
+            if to in (None, entry.form.get("To")) and from_ in (None, entry.form.get("From"))
+        ]
+        page = {"calls": rows, "end": max(0, len(rows) - 1), "first_page_uri": request.url.path,
+                "next_page_uri": None, "page": 0, "page_size": 50, "previous_page_uri": None,
+                "start": 0, "uri": request.url.path}  # fmt: skip
+        return JSONResponse(page)
 
     async def _progress(self, call_sid: str, form: dict[str, str], plan: AutoProgress) -> None:
         self.active += 1

@@ -23,15 +23,22 @@ BACKOFF_S = (0.25, 0.5, 1.0)
 # Each request's whole time, connect to last byte. The twilio package's async client passes no
 # timeout of its own to aiohttp (whose default is 300 s), so this is the one that applies.
 REQUEST_TIMEOUT_S = 5.0
+# Looking up whether an unanswered create made a call: the newest calls to that number, and
+# how far Twilio's clock may be behind ours.
+LOOKUP_LIMIT = 20
+CLOCK_SKEW_S = 5.0
 
 
 class TwilioRestError(RuntimeError):
     """Twilio refused a call-control request, or could not be reached (status 0)."""
 
-    def __init__(self, message: str, status: int = 0, code: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int = 0, code: int | None = None, *, ambiguous: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.ambiguous = ambiguous  # no answer to a create: the call may exist all the same
 
     @property
     def nothing_created(self) -> bool:
@@ -99,8 +106,26 @@ class TwilioCalls:
         except TwilioRestException as exc:
             raise _refused("call", exc) from None
         except (TimeoutError, OSError, aiohttp.ClientError) as exc:
-            raise TwilioRestError(f"Twilio unreachable: {type(exc).__name__}") from None
+            raise TwilioRestError(
+                f"Twilio did not answer the call's creation ({type(exc).__name__}): it may exist",
+                ambiguous=True,
+            ) from None
         return str(call.sid)
+
+    async def find_call(self, *, to: str, from_: str, created_after: float) -> str | None:
+        """The SID of a call to `to` from `from_` that Twilio created at or after
+        `created_after` (time.time()), if there is one: what settles an unanswered create."""
+        try:
+            calls = await self._client.calls.list_async(to=to, from_=from_, limit=LOOKUP_LIMIT)
+        except TwilioRestException as exc:
+            raise _refused("call lookup", exc) from None
+        except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+            raise TwilioRestError(f"Twilio unreachable: {type(exc).__name__}") from None
+        for call in calls:  # newest first
+            created = call.date_created
+            if created is not None and created.timestamp() >= created_after - CLOCK_SKEW_S:
+                return str(call.sid)
+        return None
 
     async def record(self, call_sid: str, status_callback: str) -> str:
         """Ask Twilio to record the call, caller and agent on separate channels."""
