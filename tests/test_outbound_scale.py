@@ -16,17 +16,22 @@ from tests.test_outbound import API_KEY, api, numbers, wait_for_batch
 needs_redis = pytest.mark.skipif(redis_binary() is None, reason="redis-server not installed")
 
 
+def batch_sandbox(server: RedisServer):
+    """A gateway on a real Redis, unpaced and uncapped, its Twilio calls ringing briefly."""
+    return sandbox(
+        registry=RedisRegistry(server.url),
+        redis_url=server.url,
+        gateway_api_key=API_KEY,
+        calls_per_second=1000.0,
+        max_concurrent_calls=1000,
+        outbound_from="+15550000001",
+    )
+
+
 @needs_redis
 async def test_every_status_callback_of_a_1000_call_batch_is_answered_2xx():
     with RedisServer() as server:
-        async with sandbox(
-            registry=RedisRegistry(server.url),
-            redis_url=server.url,
-            gateway_api_key=API_KEY,
-            calls_per_second=1000.0,
-            max_concurrent_calls=1000,
-            outbound_from="+15550000001",
-        ) as box:
+        async with batch_sandbox(server) as box:
             box.rest.auto_progress = AutoProgress(ring_s=0.02, talk_s=0.05)
             started = time.monotonic()
             status, reply = await api("POST", box.url + "/calls/batch", {"recipients": numbers(1000)})
@@ -49,14 +54,7 @@ async def _redis_work_per_dial(server: RedisServer, n: int) -> tuple[float, floa
     client = aioredis.Redis.from_url(server.url)
     try:
         await client.flushall()
-        async with sandbox(
-            registry=RedisRegistry(server.url),
-            redis_url=server.url,
-            gateway_api_key=API_KEY,
-            calls_per_second=1000.0,
-            max_concurrent_calls=1000,
-            outbound_from="+15550000001",
-        ) as box:
+        async with batch_sandbox(server) as box:
             box.rest.auto_progress = AutoProgress(ring_s=0.02, talk_s=0.05)
             await client.config_resetstat()
             status, reply = await api("POST", box.url + "/calls/batch", {"recipients": numbers(n)})

@@ -3,6 +3,7 @@ truly, never after the caller has gone, with our own number as caller ID, and ev
 request bounded."""
 
 import asyncio
+import contextlib
 import re
 import time
 
@@ -33,6 +34,21 @@ except ModuleNotFoundError:  # plain `pytest`: tests/ itself is on sys.path
 
 ALLOW = ("+1555*", "sip:*@pbx.example.com")
 SECRET = "whsec_transfers"
+
+
+@contextlib.asynccontextmanager
+async def sandbox_with_events(greeting_s: float):
+    """A sandbox whose call events go to a local receiver: (box, what it received)."""
+    async with (
+        event_receiver() as (events_url, received),
+        sandbox(
+            AgentBehaviour(greeting_s=greeting_s),
+            transfer_allow=ALLOW,
+            call_events_url=events_url,
+            call_events_secret=SECRET,
+        ) as box,
+    ):
+        yield box, received
 
 
 def dial_of(box, call) -> str:
@@ -118,38 +134,28 @@ async def test_standard_sip_headers_pass_and_a_2kb_set_is_refused_before_any_res
 # 3. Outcomes reported truly
 
 
+async def transfer_events_after(dial_status: str) -> list[dict]:
+    """A blind transfer whose <Dial> ended with `dial_status` as the caller hung up (CallStatus
+    completed): the transfer events the gateway sent."""
+    async with sandbox_with_events(greeting_s=0.2) as (box, received):
+        call, _, action = await blind_transfer(box)
+        form = {**dial_outcome(call, dial_status), "CallStatus": "completed"}
+        status, twiml = await call.post(action, form)
+        assert status == 200 and "<Hangup />" in twiml
+        await asyncio.sleep(0.3)
+    return [e for e in events_of(received, SECRET) if e["type"].startswith("transfer.")]
+
+
 async def test_a_bridged_transfer_the_caller_ends_is_completed_not_failed():
-    async with event_receiver() as (events_url, received):
-        async with sandbox(
-            AgentBehaviour(greeting_s=0.2),
-            transfer_allow=ALLOW,
-            call_events_url=events_url,
-            call_events_secret=SECRET,
-        ) as box:
-            call, _, action = await blind_transfer(box)
-            form = {**dial_outcome(call, "completed"), "CallStatus": "completed"}  # the caller hung up after
-            status, twiml = await call.post(action, form)
-            assert status == 200 and "<Hangup />" in twiml
-            await asyncio.sleep(0.3)
-        events = [e for e in events_of(received, SECRET) if e["type"].startswith("transfer.")]
+    events = await transfer_events_after("completed")  # bridged, then the caller hung up
     assert [e["type"] for e in events] == ["transfer.started", "transfer.completed"]
     assert events[1]["data"]["status"] == "completed"
 
 
 async def test_a_caller_who_hangs_up_while_it_rings_is_a_failed_transfer():
-    async with event_receiver() as (events_url, received):
-        async with sandbox(
-            AgentBehaviour(greeting_s=0.2),
-            transfer_allow=ALLOW,
-            call_events_url=events_url,
-            call_events_secret=SECRET,
-        ) as box:
-            call, _, action = await blind_transfer(box)
-            form = {**dial_outcome(call, "no-answer"), "CallStatus": "completed"}
-            await call.post(action, form)
-            await asyncio.sleep(0.3)
-        events = [e for e in events_of(received, SECRET) if e["type"] == "transfer.failed"]
-    assert [e["data"]["status"] for e in events] == ["caller-hung-up"]
+    events = await transfer_events_after("no-answer")
+    failed = [e for e in events if e["type"] == "transfer.failed"]
+    assert [e["data"]["status"] for e in failed] == ["caller-hung-up"]
 
 
 # 4. A caller who hangs up while the transfer waits for the agent's last words
@@ -157,29 +163,23 @@ async def test_a_caller_who_hangs_up_while_it_rings_is_a_failed_transfer():
 
 @pytest.mark.parametrize("mode", ["blind", "warm"])
 async def test_hanging_up_during_the_transfers_drain_is_a_hang_up(mode):
-    async with event_receiver() as (events_url, received):
-        async with sandbox(
-            AgentBehaviour(greeting_s=4.0),
-            transfer_allow=ALLOW,
-            call_events_url=events_url,
-            call_events_secret=SECRET,
-        ) as box:
-            gateway = box.app.state.gateway
-            call = await box.connect_call()
-            runner = asyncio.create_task(call.run(CallScript(hangup_at=1.0, max_s=10)))
-            agent_call = await box.agent.wait_for_call()
-            await asyncio.sleep(0.5)  # the greeting plays on, well past the hang-up below
-            body = {"action": "transfer", "to": "+15551234567", "mode": mode}
-            assert (await post_json(agent_call.metadata["control_url"], body))[0] == 200
-            await runner  # the caller hangs up half a second into the drain
-            hung_up_at = time.monotonic()
-            async with asyncio.timeout(1.0):
-                while gateway.sessions or await gateway.registry.get(call.call_sid) is not None:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
-            gone_after = time.monotonic() - hung_up_at
-            await asyncio.sleep(1.5)
-            assert box.rest.redirects(call.call_sid) == [] and box.rest.created == []
-        events = events_of(received, SECRET)
+    async with sandbox_with_events(greeting_s=4.0) as (box, received):
+        gateway = box.app.state.gateway
+        call = await box.connect_call()
+        runner = asyncio.create_task(call.run(CallScript(hangup_at=1.0, max_s=10)))
+        agent_call = await box.agent.wait_for_call()
+        await asyncio.sleep(0.5)  # the greeting plays on, well past the hang-up below
+        body = {"action": "transfer", "to": "+15551234567", "mode": mode}
+        assert (await post_json(agent_call.metadata["control_url"], body))[0] == 200
+        await runner  # the caller hangs up half a second into the drain
+        hung_up_at = time.monotonic()
+        async with asyncio.timeout(1.0):
+            while gateway.sessions or await gateway.registry.get(call.call_sid) is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        gone_after = time.monotonic() - hung_up_at
+        await asyncio.sleep(1.5)
+        assert box.rest.redirects(call.call_sid) == [] and box.rest.created == []
+    events = events_of(received, SECRET)
     assert gone_after < 1.0
     ended = [e for e in events if e["type"] == "call.ended"]
     assert [(e["data"]["state"], e["data"]["outcome"]) for e in ended] == [("ended", "caller_hung_up")]
