@@ -8,6 +8,10 @@ import aiohttp
 import orjson
 
 from gateway.carriers.twilio.rest import TwilioCalls
+from gateway.outbound.dialer import Dialer
+from gateway.outbound.parse import BatchSpec, Recipient
+from gateway.outbound.store_memory import MemoryOutboundStore
+from gateway.registry.memory import MemoryRegistry
 from gateway.sandbox.harness import ACCOUNT_SID, sandbox
 from gateway.sandbox.twilio_rest_fake import AutoProgress
 from tests.test_outbound import API_KEY, api, numbers, wait_for_batch
@@ -87,3 +91,52 @@ async def test_a_request_whose_instance_died_is_not_stuck_and_rings_no_one_twice
         status, body = await post_call(box, "died-2")
         assert (status, body) == (201, {"ok": True, "call_sid": made})
         assert len(box.rest.created) == before
+
+
+async def test_a_claim_left_by_a_store_failure_before_its_dial_is_dialled_not_stuck(monkeypatch):
+    """The store fails between a recipient's claim and its dial: the claim, ours and no longer
+    in hand, is looked up (no call was made) and dialled, not left claimed for ever."""
+    monkeypatch.setattr("gateway.outbound.dialer.STALE_CLAIM_S", 0.3)
+
+    class StoreThatFailsOnce(MemoryOutboundStore):
+        failed = False
+
+        async def reserve_start(self, per_second: float) -> float:
+            if not self.failed:
+                self.failed = True
+                raise OSError("store unreachable")
+            return await super().reserve_start(per_second)
+
+    created: list[str] = []
+    looked_up: list[str] = []
+
+    async def create_call(**fields) -> str:
+        created.append(fields["to"])
+        return "CA" + "7" * 32
+
+    async def find_call(*, to: str, from_: str, created_after: float) -> str | None:
+        looked_up.append(to)
+        return None
+
+    store = StoreThatFailsOnce()
+    dialer = Dialer(
+        store,
+        MemoryRegistry(),
+        create_call,
+        lambda path, query: "https://gw.example.com" + path,
+        calls_per_second=100.0,
+        max_concurrent=10,
+        find_call=find_call,
+    )
+    spec = BatchSpec([Recipient(TO)], from_=FROM, agent="agent_b")
+    await store.create_batch(spec)
+    await dialer.start()
+    try:
+        async with asyncio.timeout(10):
+            while not created:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        await dialer.close()
+    assert (created, looked_up) == ([TO], [TO])
+    (state,) = (await store.batch(spec.batch_id))[1].values()
+    assert state["status"] == "dialled"

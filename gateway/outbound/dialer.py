@@ -83,6 +83,7 @@ class Dialer:
         self._creates = asyncio.Semaphore(MAX_PARALLEL_CREATES)
         self._jobs: set[asyncio.Task[None]] = set()
         self._specs: dict[str, BatchSpec] = {}  # the batches this instance is dialling
+        self._in_hand: set[tuple[str, int]] = set()  # (batch, recipient) claims being dialled here
 
     async def start(self) -> None:
         self._worker = asyncio.create_task(self._run_batches(), name="batch-worker")
@@ -243,18 +244,28 @@ class Dialer:
         if index is None:
             await self.store.release_slot(slot)
             return False
-        # Paced only once there is someone to call: an idle batch must not use up the rate.
-        wait = await self.store.reserve_start(self._rate)
-        if wait > 0:
-            await asyncio.sleep(wait)
-        spec = await self._spec(batch_id)
-        if spec is None:  # the batch expired under us: nobody to call
-            await self.store.release_slot(slot)
-            return False
-        await self._creates.acquire()
+        # Until its dial is over, the claim is in hand here; one left behind by a failure (the
+        # store unreachable between the claim and the dial) is requeued by our own sweep.
+        claimed = (batch_id, index)
+        self._in_hand.add(claimed)
+        try:
+            # Paced only once there is someone to call: an idle batch must not use up the rate.
+            wait = await self.store.reserve_start(self._rate)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            spec = await self._spec(batch_id)
+            if spec is None:  # the batch expired under us: nobody to call
+                self._in_hand.discard(claimed)
+                await self.store.release_slot(slot)
+                return False
+            await self._creates.acquire()
+        except BaseException:
+            self._in_hand.discard(claimed)
+            raise
         job = asyncio.create_task(self._dial_recipient(spec, index, slot))
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
+        job.add_done_callback(lambda _job: self._in_hand.discard(claimed))
         return True
 
     async def _dial_recipient(self, spec: BatchSpec, index: int, slot: str) -> None:
@@ -291,9 +302,10 @@ class Dialer:
             self._creates.release()
 
     async def _settle_recipient(self, spec: BatchSpec, index: int, state: dict[str, Any]) -> None:
-        """A create Twilio never answered, and no callback since: did it make the call?"""
+        """A claim whose dial never reported back (Twilio did not answer the create, or the
+        store could not be told), and no callback since: did Twilio make the call?"""
         to = spec.recipients[index].to
-        call_sid = await self.settle(to, spec.from_, state.get("at", state["unanswered_at"]))
+        call_sid = await self.settle(to, spec.from_, state.get("at") or state.get("unanswered_at", 0.0))
         if call_sid is not None:
             log.info("batch_create_settled", batch_id=spec.batch_id, index=index, call_sid=call_sid)
             state = {"status": "dialled", "call_sid": call_sid}
@@ -325,10 +337,14 @@ class Dialer:
             if state.get("status") != "claimed":
                 continue
             owner = state.get("owner", "")
+            if (batch_id, index) in self._in_hand:
+                continue  # being dialled here right now
+            # Ours but no longer in hand (its dial failed half-way, the store unreachable), or
+            # unanswered by Twilio with its owner gone: was a call made? Twilio's list says.
             ours = owner == self._registry.instance_id
-            if "unanswered_at" in state and (ours or not await self._registry.owner_alive(owner)):
+            if ours or ("unanswered_at" in state and not await self._registry.owner_alive(owner)):
                 await self._settle_recipient(spec, index, state)
-            elif not ours and not await self._registry.owner_alive(owner):
+            elif not await self._registry.owner_alive(owner):
                 log.warning("batch_claim_requeued", batch_id=batch_id, index=index)
                 await self.store.release_slot(state.get("slot", ""))
                 await self.store.requeue(batch_id, index)
