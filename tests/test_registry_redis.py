@@ -528,3 +528,32 @@ async def test_data_loss_without_errors_is_healed(
 
     await wait_until(healed, RECOVERY_S)
     assert await b.owner_alive(a.instance_id)
+
+
+@needs_redis
+async def test_a_read_during_the_resync_after_lost_data_never_loses_a_live_record(
+    make: MakeRegistry, raw: aioredis.Redis, prefix: str
+) -> None:
+    """Redis lost its data; while the resync replays deferred deletes, a control POST reads the
+    call: it is answered from the mirror, and the record is restored and stays."""
+    registry = await make()
+    record = make_record(registry.instance_id, "live")
+    await registry.put(record, LIVE_TTL_S)
+    for key in await raw.keys(prefix + "*"):  # what a restart without persistence leaves
+        await raw.delete(key)
+    registry._tombstones["CAold"] = "tok_old"  # a delete deferred from an earlier outage
+    replay = registry._delete_keys
+
+    async def slow_replay(*args: Any) -> None:  # each replayed delete is a round trip
+        await asyncio.sleep(0.2)
+        await replay(*args)
+
+    registry._delete_keys = slow_replay  # type: ignore[method-assign]
+    registry._wake.set()  # the next heartbeat notices, and resyncs
+    await asyncio.sleep(0.05)
+    found = await registry.by_token(record.token_hash)
+    assert found is not None and found.call_sid == record.call_sid
+    await wait_until(lambda: raw.exists(f"{prefix}call:{record.call_sid}"), within=3)
+    await asyncio.sleep(0.5)
+    assert await raw.exists(f"{prefix}call:{record.call_sid}")
+    assert (await registry.by_token(record.token_hash)) is not None

@@ -223,3 +223,50 @@ async def test_a_rest_request_that_never_answers_is_bounded_by_its_timeout(monke
             await runner
         finally:
             box.rest.release.set()
+
+
+async def test_a_caller_who_hangs_up_after_a_refused_transfer_ends_the_call():
+    """A transfer Twilio refused leaves the call with its agent; the caller's hang-up after
+    that is a hang-up, not the stop of a redirect that never happened."""
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        box.rest.refuse_redirects = True
+        gateway = box.app.state.gateway
+        call, _agent, runner, url = await live_call(box)
+        assert (await post_json(url, {"action": "transfer", "to": "+15551234567"}))[0] == 200
+        async with asyncio.timeout(5):
+            while not box.rest.redirects(call.call_sid):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # refused: back to live
+        await call.hang_up()
+        await runner
+        async with asyncio.timeout(2):
+            while gateway.sessions:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+
+async def test_a_warm_transfer_whose_hold_twilio_refuses_leaves_the_caller_with_the_agent():
+    """The human was dialled, then Twilio refused to put the caller on hold: the human's leg is
+    hung up, and its last status moves nobody (the caller stays with the agent)."""
+    async with sandbox(AgentBehaviour(greeting_s=0.2), transfer_allow=ALLOW) as box:
+        box.rest.refuse_redirects = True
+        gateway = box.app.state.gateway
+        call, _agent, runner, url = await live_call(box)
+        body = {"action": "transfer", "to": "+15551234567", "mode": "warm"}
+        assert (await post_json(url, body))[0] == 200
+        async with asyncio.timeout(5):
+            while not box.rest.redirects(call.call_sid):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        (human,) = box.rest.created
+        await asyncio.sleep(0.3)
+        record = await gateway.registry.get(call.call_sid)
+        assert (record.state, record.transfer) == ("live", {})
+        leg_status = {**call.webhook_form(), "CallSid": human.call_sid, "CallStatus": "canceled"}
+        status, _ = await call.post(
+            f"/twilio/warm-status?caller={call.call_sid}&to=%2B15551234567", leg_status
+        )
+        assert status == 204
+        await asyncio.sleep(0.3)
+        assert len(box.rest.redirects(call.call_sid)) == 1  # only the refused hold
+        assert (await post_json(url, {"action": "send_dtmf", "digits": "1"}))[0] == 200  # still live
+        await call.hang_up()
+        await runner

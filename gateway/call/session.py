@@ -387,6 +387,7 @@ class Session:
                 self._finish("caller_hung_up")
                 return
             self.intent = None
+            self._redirected = False  # no update went through: a stop from now on is a hang-up
             if self.agent_gone:  # nobody left to talk to: do not leave the caller in silence
                 await self._hang_up("transfer_failed")
                 return

@@ -21,8 +21,8 @@ class TransferPolicy:
             return True
         # SIP targets are matched as scheme:user@host, parameters and port left out.
         match = SIP_URI.fullmatch(target)
-        if target.lower().startswith("sip") and match is None:
-            return False
+        if target.lower().startswith("sip") and (match is None or ";maddr=" in target.lower()):
+            return False  # maddr would send the INVITE to another host than the one matched
         if match is not None:
             user = f"{match['user']}@" if match["user"] else ""
             target = f"{match['scheme'].lower()}:{user}{match['host'].lower()}"

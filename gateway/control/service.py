@@ -43,15 +43,21 @@ class ControlService:
             raise parse.error(429, "rate_limited", "too many requests for this call; slow down")
         return record
 
-    def snapshot(self, record: CallRecord) -> dict[str, Any]:
+    def _session_of(self, record: CallRecord) -> Session | None:
+        """This instance's session of the call, if it is the one the record (its token) names:
+        after a handover an old session here may linger a few seconds, and must not act."""
         session = self._sessions.get(record.call_sid)
+        return session if session is not None and session.record.token_hash == record.token_hash else None
+
+    def snapshot(self, record: CallRecord) -> dict[str, Any]:
+        session = self._session_of(record)
         return session.snapshot() if session else record.public()
 
     async def execute(self, record: CallRecord, body: bytes) -> dict[str, Any]:
         """Parse the body into an action and carry it out; the reply body, or ActionRefused."""
         payload = parse.parse_body(body)
         action = parse.build_action(record, payload, self._policy)
-        session = self._sessions.get(record.call_sid)
+        session = self._session_of(record)
         if session is not None:
             session.submit(action)
             return parse.ok_body(action, record.call_sid)

@@ -240,7 +240,11 @@ class Dialer:
         slot = "b" + secrets.token_hex(8)  # URL-safe as is: it travels in a signed URL
         if not await self.store.acquire_slot(slot, self._cap):
             return False
-        index = await self.store.claim(batch_id, self._registry.instance_id, slot)
+        try:
+            index = await self.store.claim(batch_id, self._registry.instance_id, slot)
+        except BaseException:
+            await self.store.release_slot(slot)
+            raise
         if index is None:
             await self.store.release_slot(slot)
             return False
@@ -342,6 +346,8 @@ class Dialer:
             # Ours but no longer in hand (its dial failed half-way, the store unreachable), or
             # unanswered by Twilio with its owner gone: was a call made? Twilio's list says.
             ours = owner == self._registry.instance_id
+            if time.time() - state.get("unanswered_at", 0.0) < STALE_CLAIM_S:
+                continue  # Twilio's answer was lost only just now: give its callback time
             if ours or ("unanswered_at" in state and not await self._registry.owner_alive(owner)):
                 await self._settle_recipient(spec, index, state)
             elif not await self._registry.owner_alive(owner):

@@ -15,7 +15,7 @@ import structlog
 from gateway.call.actions import TransferPlan
 from gateway.carriers.twilio import streams, twiml
 from gateway.carriers.twilio.rest import TwilioCalls
-from gateway.registry.base import TRANSFERRED_TTL_S, SessionRegistry
+from gateway.registry.base import LIVE_TTL_S, TRANSFERRED_TTL_S, SessionRegistry
 from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -120,15 +120,18 @@ class Transfers:
         try:
             await self._calls.redirect(call_sid, hold)
         except Exception:
+            # The caller stays with the agent: the human's leg, the note and the record's
+            # short transferred lifetime all go, so that leg's last status moves nobody.
             await self._hang_up_quietly(human_sid)
+            await self._note_transfer(call_sid, {}, LIVE_TTL_S)
             raise
         log.info("warm_transfer_dialling", call_sid=call_sid, human_call_sid=human_sid, target=plan.target)
 
-    async def _note_transfer(self, call_sid: str, transfer: dict[str, object]) -> None:
+    async def _note_transfer(self, call_sid: str, transfer: dict[str, object], ttl_s: float = 0.0) -> None:
         record = await self._registry.get(call_sid)
         if record is not None:
             record.transfer = dict(transfer)
-            await self._registry.put(record, self._ttl_s)
+            await self._registry.put(record, ttl_s or self._ttl_s)
 
     async def _hang_up_quietly(self, call_sid: str) -> None:
         try:
@@ -149,8 +152,8 @@ class Transfers:
         """The human's leg ended. If it never joined (busy, no answer, or hung up during the
         whisper), take the caller off hold; True when that happened."""
         record = await self._registry.get(caller_sid)
-        if record is None or record.transfer.get("joined"):
-            return False
+        if record is None or not record.transfer or record.transfer.get("joined"):
+            return False  # over, taken, or a warm transfer that never put the caller on hold
         await self.return_caller(caller_sid, status, destination)
         return True
 

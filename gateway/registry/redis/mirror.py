@@ -129,7 +129,11 @@ class MirrorMixin(RedisCore):
         now = time.monotonic()
         self._sweep_mirror(now)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.set(self._instance_key(self.instance_id), "1", px=_ms(self.heartbeat_ttl_s), get=True)
+        # XX: only renewed while it exists. When it is gone, our records may be gone with it,
+        # and until they are restored the missing key is what tells our reads to trust the
+        # mirror (`_lost_our_keys`); so it comes back only after the resync, below.
+        heartbeat = self._instance_key(self.instance_id)
+        pipe.set(heartbeat, "1", px=_ms(self.heartbeat_ttl_s), get=True, xx=True)
         # A live call's entry lives as long as its owner does.
         for call_sid, entry in self._mirror.items():
             if entry.ttl_s >= LIVE_TTL_S:
@@ -141,6 +145,7 @@ class MirrorMixin(RedisCore):
         # so our records may be gone too. After an outage our deferred writes are due as well.
         if not self._healthy or previous is None:
             await self._resync(was_healthy=self._healthy)
+            await self._redis.set(heartbeat, "1", px=_ms(self.heartbeat_ttl_s))
 
     async def _resync(self, *, was_healthy: bool) -> None:
         """Write every owned record (remaining TTL) and replay deferred deletes."""
