@@ -140,3 +140,12 @@ async def test_a_claim_left_by_a_store_failure_before_its_dial_is_dialled_not_st
     assert (created, looked_up) == ([TO], [TO])
     (state,) = (await store.batch(spec.batch_id))[1].values()
     assert state["status"] == "dialled"
+
+
+async def test_two_concurrent_retries_of_a_dead_request_ring_the_person_once():
+    async with sandbox(gateway_api_key=API_KEY, outbound_from=FROM, calls_per_second=50.0) as box:
+        store = box.app.state.gateway.dialer.store
+        await store.remember("/calls:died-3", orjson.dumps({"pending": time.time() - 120}).decode())
+        answers = await asyncio.gather(post_call(box, "died-3"), post_call(box, "died-3"))
+        assert sorted(status for status, _ in answers) == [201, 409]
+        assert len(box.rest.created) == 1

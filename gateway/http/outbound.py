@@ -99,7 +99,8 @@ class OutboundApi:
                     answer = await self._earlier(remembered, earlier, payload)
                     if answer is not None:
                         return json_response(answer[1], answer[0])
-                    await store.settle(remembered, pending)  # this request carries it on
+                    if not await store.take_over(remembered, earlier, pending):  # one retry goes on
+                        raise error(409, "in_progress", "a request with this Idempotency-Key is under way")
             try:
                 status, body = await start(payload, remembered if key else "")
                 stored: list[Any] = [status, body]

@@ -80,6 +80,10 @@ class OutboundStore(abc.ABC):
         """Store `value` under an Idempotency-Key unless one is there; the existing value if so."""
 
     @abc.abstractmethod
+    async def take_over(self, key: str, read: str, value: str) -> bool:
+        """Replace an Idempotency-Key's value if it is still `read`; False if it changed."""
+
+    @abc.abstractmethod
     async def settle(self, key: str, value: str) -> None:
         """Replace a remembered placeholder with the final answer ("" forgets the key)."""
 

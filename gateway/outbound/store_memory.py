@@ -123,5 +123,11 @@ class MemoryOutboundStore(OutboundStore):
         self._keys[key] = (value, now)
         return None
 
+    async def take_over(self, key: str, read: str, value: str) -> bool:
+        if self._keys.get(key, ("", 0.0))[0] != read:
+            return False
+        self._keys[key] = (value, time.monotonic())
+        return True
+
     async def settle(self, key: str, value: str) -> None:
         self._keys[key] = (value, time.monotonic())

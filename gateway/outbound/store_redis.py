@@ -38,6 +38,7 @@ _CLAIM = _lua("claim.lua")
 _REQUEUE = _lua("requeue.lua")
 _IDEMPOTENT = _lua("remember.lua")
 _UPDATE = _lua("update_state.lua")
+_TAKE_OVER = _lua("take_over.lua")
 
 
 class RedisOutboundStore(OutboundStore):
@@ -62,6 +63,7 @@ class RedisOutboundStore(OutboundStore):
         self._update = self._redis.register_script(_UPDATE)
         self._requeue = self._redis.register_script(_REQUEUE)
         self._idempotent = self._redis.register_script(_IDEMPOTENT)
+        self._take_over = self._redis.register_script(_TAKE_OVER)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -151,6 +153,10 @@ class RedisOutboundStore(OutboundStore):
     async def remember(self, key: str, value: str) -> str | None:
         result = await self._idempotent(keys=[self._k("idempotency", key)], args=[value, IDEMPOTENCY_TTL_S])
         return None if result is None else (result.decode() if isinstance(result, bytes) else str(result))
+
+    async def take_over(self, key: str, read: str, value: str) -> bool:
+        keys = [self._k("idempotency", key)]
+        return bool(await self._take_over(keys=keys, args=[read, value, IDEMPOTENCY_TTL_S]))
 
     async def settle(self, key: str, value: str) -> None:
         await self._redis.set(self._k("idempotency", key), value, ex=IDEMPOTENCY_TTL_S)
