@@ -136,9 +136,7 @@ class OutboundApi:
             if call_sid is None:
                 await dialer.store.release_slot(attempt["slot"])
                 return None
-            answer = [201, {"ok": True, "call_sid": call_sid}]
-            await dialer.store.settle(remembered, orjson.dumps(answer).decode())
-            return answer[0], answer[1]
+            return await self._settled(remembered, call_sid)
         since = value.get("pending", 0.0) if isinstance(value, dict) else 0.0
         if time.time() - since < PENDING_STALE_S:
             raise error(409, "in_progress", "a request with this Idempotency-Key is under way")
@@ -148,10 +146,14 @@ class OutboundApi:
             args = parse.parse_call(payload, **self._defaults())
             call_sid = await dialer.settle(args["to"], args["from_"], since)
             if call_sid is not None:
-                answer = [201, {"ok": True, "call_sid": call_sid}]
-                await dialer.store.settle(remembered, orjson.dumps(answer).decode())
-                return answer[0], answer[1]
+                return await self._settled(remembered, call_sid)
         return None
+
+    async def _settled(self, remembered: str, call_sid: str) -> tuple[int, Any]:
+        """The call an earlier attempt made, found: that is the key's answer from now on."""
+        answer: tuple[int, Any] = (201, {"ok": True, "call_sid": call_sid})
+        await self.gw.dialer.store.settle(remembered, orjson.dumps(answer).decode())
+        return answer
 
     def _defaults(self) -> dict[str, str]:
         s = self.gw.settings

@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.call.actions import ActionRefused
 from gateway.call.states import State
 from gateway.carriers.twilio import streams, twiml
+from gateway.carriers.twilio.rest import FINAL_CALL_STATUSES
 from gateway.carriers.twilio.transfers import NOT_TAKEN
 from gateway.http.bodies import read_bounded
 from gateway.registry.base import CallRecord, RegistryUnavailable
@@ -25,7 +26,6 @@ log = structlog.get_logger(__name__)
 
 # Twilio's webhooks are a few KiB of form fields; anything far larger is not Twilio.
 MAX_WEBHOOK_BYTES = 64 * 1024
-FINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 TWIML = "application/xml"
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 import structlog
 
-from gateway.carriers.twilio.rest import TwilioRestError
+from gateway.carriers.twilio.rest import FINAL_CALL_STATUSES, TwilioRestError
 from gateway.control.parse import error
 from gateway.outbound.parse import BatchSpec, progress
 from gateway.outbound.store import OutboundStore
@@ -39,7 +39,6 @@ MAX_START_WAIT_S = 10.0
 # Calls being created at once by one instance's batch worker.
 MAX_PARALLEL_CREATES = 8
 WORKER_IDLE_S = 0.2
-FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 
 
 CreateCall = Callable[..., Awaitable[str]]  # TwilioCalls.create_call
@@ -198,7 +197,7 @@ class Dialer:
         """A status callback for a call we started: progress the batch, free the slot when over."""
         batch_id, index = query.get("batch", ""), query.get("r", "")
         if batch_id and index.isdigit():
-            if status in FINAL_STATUSES:
+            if status in FINAL_CALL_STATUSES:
                 await self.store.update(
                     batch_id,
                     int(index),
@@ -209,7 +208,7 @@ class Dialer:
                 await self.store.update(
                     batch_id, int(index), {"status": "dialled", "call_sid": call_sid}, only_from=("claimed",)
                 )
-        if status in FINAL_STATUSES and query.get("slot"):
+        if status in FINAL_CALL_STATUSES and query.get("slot"):
             await self.store.release_slot(query["slot"])
 
     # Batches

@@ -7,12 +7,12 @@ kept in ./lua/ beside this module.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from gateway.lua import lua_script
 from gateway.outbound.parse import BatchSpec
 from gateway.outbound.store import IDEMPOTENCY_TTL_S, SLOT_TTL_S, OutboundStore
 
@@ -24,21 +24,13 @@ POOL_WAIT_S = 5.0
 SOCKET_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
 
-_LUA_DIR = Path(__file__).parent / "lua"
-
-
-def _lua(name: str) -> str:
-    """The text of the Lua script `name` (read once, at import)."""
-    return (_LUA_DIR / name).read_text(encoding="utf-8")
-
-
-_PACE = _lua("pace.lua")
-_ACQUIRE = _lua("acquire_slot.lua")
-_CLAIM = _lua("claim.lua")
-_REQUEUE = _lua("requeue.lua")
-_IDEMPOTENT = _lua("remember.lua")
-_UPDATE = _lua("update_state.lua")
-_TAKE_OVER = _lua("take_over.lua")
+_PACE = lua_script(__file__, "pace.lua")
+_ACQUIRE = lua_script(__file__, "acquire_slot.lua")
+_CLAIM = lua_script(__file__, "claim.lua")
+_REQUEUE = lua_script(__file__, "requeue.lua")
+_IDEMPOTENT = lua_script(__file__, "remember.lua")
+_UPDATE = lua_script(__file__, "update_state.lua")
+_TAKE_OVER = lua_script(__file__, "take_over.lua")
 
 
 class RedisOutboundStore(OutboundStore):

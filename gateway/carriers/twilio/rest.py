@@ -14,6 +14,8 @@ from twilio.rest import Client
 log = structlog.get_logger(__name__)
 
 TWILIO_ORIGIN = "https://api.twilio.com"
+# Twilio's CallStatus values of a call that is over.
+FINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 # Codes that mean the call is already over: hanging it up again is done, not an error.
 CALL_GONE_CODES = frozenset({20404, 21220})
 # 20429: too many concurrent requests. Retried with backoff, like a 5xx, at most this often;

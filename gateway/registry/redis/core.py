@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
 import structlog
 from redis.exceptions import RedisError
 
+from gateway.lua import lua_script
 from gateway.registry.base import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_TTL_S,
@@ -35,14 +35,10 @@ BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 2.0
 
 
-def lua(name: str) -> str:
-    """A script from lua/, read once at import; registered per client, run by SHA."""
-    return (Path(__file__).parent / "lua" / name).read_text(encoding="utf-8")
-
-
-RESTORE_SCRIPT = lua("restore.lua")
-FORGET_SCRIPT = lua("forget.lua")
-REWRITE_SCRIPT = lua("rewrite.lua")
+# Read once at import; each client registers them, and runs them by SHA.
+RESTORE_SCRIPT = lua_script(__file__, "restore.lua")
+FORGET_SCRIPT = lua_script(__file__, "forget.lua")
+REWRITE_SCRIPT = lua_script(__file__, "rewrite.lua")
 
 
 def _ms(seconds: float) -> int:

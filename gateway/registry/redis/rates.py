@@ -6,14 +6,15 @@ import asyncio
 import secrets
 from typing import TYPE_CHECKING
 
-from gateway.registry.redis.core import _UNREACHABLE, OP_TIMEOUT_S, RedisCore, _ms, lua
+from gateway.lua import lua_script
+from gateway.registry.redis.core import _UNREACHABLE, OP_TIMEOUT_S, RedisCore, _ms
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
     from gateway.registry.memory import RateWindows
 
-RATE_SCRIPT = lua("rate.lua")
+RATE_SCRIPT = lua_script(__file__, "rate.lua")
 
 
 class RatesMixin(RedisCore):
