@@ -249,8 +249,8 @@ def tone_pcm16(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -
     _check_amplitude(amplitude)
     if not 0.0 <= freq < rate / 2:
         raise AudioFormatError(f"freq must be within [0, {rate / 2}) Hz, got {freq!r}")
-    if seconds < 0:
-        raise AudioFormatError(f"seconds must be >= 0, got {seconds!r}")
+    if not 0 <= seconds < math.inf:  # NaN and infinity too: round() would raise otherwise
+        raise AudioFormatError(f"seconds must be finite and >= 0, got {seconds!r}")
     n = round(seconds * rate)
     x = amplitude * _FULL_SCALE * np.sin(2.0 * np.pi * freq * np.arange(n) / rate)
     return np.round(x).astype("<i2").tobytes()

@@ -58,7 +58,7 @@ def read_destination(source: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
     if structured is not None:
         value = structured.get("value") if isinstance(structured, Mapping) else None
         kind = structured.get("type") if isinstance(structured, Mapping) else None
-        if isinstance(value, str) and value.strip() and kind in STRUCTURED_TYPES:
+        if isinstance(value, str) and value.strip() and isinstance(kind, str) and kind in STRUCTURED_TYPES:
             return value.strip(), ()
         unreadable.append(STRUCTURED_FIELD)
     return "", tuple(unreadable)

@@ -125,7 +125,7 @@ def parse_frame(text: str | bytes) -> AgentEvent:
 def decode_payload(payload_b64: str) -> bytes:
     try:
         return binascii.a2b_base64(payload_b64, strict_mode=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or a plain ValueError for non-ASCII text
         raise ProtocolError(f"audio payload is not base64: {exc}") from None
 
 

@@ -77,7 +77,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise error(400, "malformed_json", "the body must be a JSON object")
     action = payload.get("action")
-    if action not in ACTIONS:
+    if not isinstance(action, str) or action not in ACTIONS:  # a list or object is unhashable
         raise error(
             400,
             "unknown_action",
