@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 from yarl import URL
+
+from gateway.sandbox.twilio_numbers_fake import AccountFake, RecordHosts, SeenRequest
 
 UpdateHook = Callable[[str, dict[str, str]], Awaitable[None]]
 CreateHook = Callable[[str, dict[str, str]], Awaitable[None]]
@@ -90,6 +93,8 @@ class TwilioRestFake:
         self.callbacks_posted: list[tuple[str, str]] = []  # (call_sid, status)
         self.callbacks_answered: list[int] = []  # the gateway's HTTP status for each callback
         self._tasks: set[asyncio.Task[None]] = set()
+        self.seen: list[SeenRequest] = []  # every request, with the Host it was meant for
+        self.account = AccountFake(self)  # the account and its phone numbers
         self.app = Starlette(
             routes=[
                 Route("/2010-04-01/Accounts/{account}/Calls.json", self._create, methods=["POST"]),
@@ -100,7 +105,9 @@ class TwilioRestFake:
                     self._record,
                     methods=["POST"],
                 ),
-            ]
+                *self.account.routes(),
+            ],
+            middleware=[Middleware(RecordHosts, seen=self.seen)],
         )
 
     def add_call(self, call_sid: str) -> None:

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 import structlog
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
+from twilio.rest.api import Api  # noqa: F401 (imported now, not by the first request: see below)
+
+from gateway.carriers.twilio.regions import resolve
 
 log = structlog.get_logger(__name__)
+
+# `Client.calls` imports Twilio's whole REST API (~90 modules, 0.1 s or more) on first use. The
+# import above does it at start-up: on the first hang-up it stalled every live call's audio.
 
 TWILIO_ORIGIN = "https://api.twilio.com"
 # Twilio's CallStatus values of a call that is over.
@@ -48,33 +58,107 @@ class TwilioRestError(RuntimeError):
         return self.code == 20429 or self.status in (429, 503)
 
 
+# Told of every failed request, retries included: its HTTP status (0: no answer) and Twilio's
+# error code (the metrics count them).
+RestErrorSink = Callable[[int, int | None], None]
+
+
+def _error_code(body: str) -> int | None:
+    try:
+        code = orjson.loads(body).get("code")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return code if isinstance(code, int) else None
+
+
 def _refused(what: str, exc: TwilioRestException) -> TwilioRestError:
     return TwilioRestError(f"{what} refused: HTTP {exc.status} code {exc.code}", exc.status, exc.code)
 
 
 class _RebasedHttpClient(AsyncTwilioHttpClient):
-    """Sends every request to `api_base` instead of api.twilio.com (TWILIO_API_BASE)."""
+    """Sends every request meant for a Twilio host (api.twilio.com, api.dublin.ie1.twilio.com,
+    ...) to `api_base` instead (TWILIO_API_BASE, for tests), with the Host header of the host
+    it was meant for: a fake can tell which regional endpoint a request would have reached."""
+
+    on_error: RestErrorSink | None = None
 
     def __init__(self, api_base: str) -> None:
         super().__init__(timeout=REQUEST_TIMEOUT_S)
         self._api_base = api_base.rstrip("/")
 
     async def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        if self._api_base != TWILIO_ORIGIN and url.startswith(TWILIO_ORIGIN):
-            url = self._api_base + url[len(TWILIO_ORIGIN) :]
-        async with asyncio.timeout(REQUEST_TIMEOUT_S):
-            return await super().request(method, url, *args, **kwargs)
+        if self._api_base != TWILIO_ORIGIN:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            if host == "twilio.com" or host.endswith(".twilio.com"):
+                url = self._api_base + url[len(f"{parts.scheme}://{parts.netloc}") :]
+                kwargs["headers"] = {**(kwargs.get("headers") or {}), "Host": parts.netloc}
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                response = await super().request(method, url, *args, **kwargs)
+        except (TimeoutError, OSError, aiohttp.ClientError):
+            if self.on_error is not None:
+                self.on_error(0, None)
+            raise
+        if response.status_code >= 400 and self.on_error is not None:
+            self.on_error(response.status_code, _error_code(response.text))
+        return response
+
+
+def rest_client(
+    account_sid: str,
+    auth_token: str,
+    api_base: str = TWILIO_ORIGIN,
+    *,
+    region: str | None = None,
+    edge: str | None = None,
+) -> tuple[Client, _RebasedHttpClient]:
+    """The twilio package's client on our HTTP client, and that HTTP client (to close).
+
+    `region`/`edge` pick Twilio's regional REST host (gateway.carriers.twilio.regions); None
+    reads TWILIO_REGION / TWILIO_EDGE from the environment, as the twilio package itself does.
+    """
+    region = os.environ.get("TWILIO_REGION", "") if region is None else region
+    edge = os.environ.get("TWILIO_EDGE", "") if edge is None else edge
+    region, edge = resolve(region, edge)
+    http = _RebasedHttpClient(api_base)
+    # Ours only: for an empty value the package would fall back to os.environ on its own.
+    environment = {"TWILIO_REGION": region, "TWILIO_EDGE": edge}
+    client = Client(
+        account_sid or "AC_unset",
+        auth_token or "unset",
+        http_client=http,
+        region=region or None,
+        edge=edge or None,
+        environment=environment,
+    )
+    return client, http
 
 
 class TwilioCalls:
     """Call control for live calls. One per process, opened and closed in the app lifespan."""
 
-    def __init__(self, account_sid: str, auth_token: str, api_base: str = TWILIO_ORIGIN) -> None:
-        self._http = _RebasedHttpClient(api_base)
-        self._client = Client(account_sid or "AC_unset", auth_token or "unset", http_client=self._http)
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        api_base: str = TWILIO_ORIGIN,
+        *,
+        region: str | None = None,
+        edge: str | None = None,
+    ) -> None:
+        self._client, self._http = rest_client(account_sid, auth_token, api_base, region=region, edge=edge)
 
     async def close(self) -> None:
         await self._http.close()
+
+    @property
+    def on_error(self) -> RestErrorSink | None:
+        return self._http.on_error
+
+    @on_error.setter
+    def on_error(self, sink: RestErrorSink | None) -> None:
+        self._http.on_error = sink
 
     async def hangup(self, call_sid: str) -> bool:
         """Hang the call up. True if this request ended it, False if it was already over."""
