@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import secrets
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import aiohttp
 import orjson
@@ -47,7 +47,9 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
         form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
         if not form.get("CallSid"):
             return Response("CallSid is required\n", status_code=400)
-        twiml = TWIML.format(url=stream_url, session=secrets.token_urlsafe(16))
+        # The same stream URL the gateway answers with (it names the call), so the load sees one.
+        url = f"{stream_url}/{quote(form['CallSid'], safe='')}"
+        twiml = TWIML.format(url=url, session=secrets.token_urlsafe(16))
         return Response(twiml, media_type="application/xml")
 
     async def media(scope: Scope, receive: Receive, send: Send) -> None:
@@ -181,7 +183,7 @@ def create_app(public_url: str, agent_url: str, agent_id: str, agent_client: str
     return Starlette(
         routes=[
             Route("/twilio/voice", voice, methods=["POST"]),
-            WebSocketRoute("/twilio/media", BareASGI(media)),
+            WebSocketRoute("/twilio/media/{call_sid}", BareASGI(media)),
             Route("/readyz", readyz, methods=["GET"]),
         ]
     )

@@ -23,6 +23,8 @@ from typing import Any
 
 from twilio.request_validator import RequestValidator
 
+from gateway.carriers.twilio import codec
+
 NODE_DIR = Path(__file__).resolve().parent / "node"
 ENGINE = NODE_DIR / "load.js"
 
@@ -128,12 +130,17 @@ class NodeLoad:
             "CallStatus": "ringing",
             "Direction": "inbound",
         }
+        # Each call's stream URL names it (the gateway's signature check binds the upgrade to
+        # the call), so each has its own signature, computed here rather than per frame in Node.
+        stream_url = codec.stream_url(public_url, call_sid)
         return {
             "call_sid": call_sid,
             "stream_sid": "MZ" + secrets.token_hex(16),
             "account_sid": self.account_sid,
             "form": form,
             "signature": validator.compute_signature(public_url + "/twilio/voice", form),
+            "stream_url": stream_url,
+            "stream_signature": validator.compute_signature(stream_url, {}),
         }
 
     async def add_calls(
@@ -142,13 +149,10 @@ class NodeLoad:
         """Start `count` calls spread over `spread_s`; returns each call's timings once it hears
         the agent (or has failed)."""
         validator = RequestValidator(auth_token)
-        stream_url = public_url.replace("https://", "wss://").replace("http://", "ws://") + "/twilio/media"
         reply = await self.call(
             "add",
             timeout_s=spread_s + up_timeout_s + 30,
             voice_url=public_url + "/twilio/voice",
-            stream_url=stream_url,
-            stream_signature=validator.compute_signature(stream_url, {}),
             calls=[self._spec(public_url, validator) for _ in range(count)],
             spread_s=spread_s,
             up_timeout_s=up_timeout_s,

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.audio import OUTPUT_FORMATS
+from gateway.carriers.twilio.regions import RegionError, resolve
 
 
 class SettingsError(ValueError):
@@ -64,6 +65,11 @@ def _agent_routes(raw: str) -> dict[str, dict[str, Any]]:
         if not isinstance(metadata, dict):
             raise SettingsError(f"AGENT_ROUTES[{called!r}].metadata must be an object")
         parsed[str(called)] = {"agent": route["agent"], "metadata": metadata}
+        if route.get("fallback"):
+            fallback = route["fallback"]
+            if not isinstance(fallback, str):
+                raise SettingsError(f"AGENT_ROUTES[{called!r}].fallback must be a string")
+            parsed[str(called)]["fallback"] = agent_fallback(f"AGENT_ROUTES[{called!r}].fallback", fallback)
     return parsed
 
 
@@ -80,6 +86,24 @@ def _sip_credentials(raw: str) -> tuple[tuple[str, str, str], ...]:
             raise SettingsError(f"TRANSFER_SIP_CREDENTIALS[{host!r}] needs a username and a password")
         out.append((str(host), str(cred["username"]), str(cred["password"])))
     return tuple(out)
+
+
+DEFAULT_FALLBACK_TEXT = "Sorry, we can't take your call right now. Please try again later. Goodbye."
+
+
+def agent_fallback(name: str, raw: str) -> tuple[str, str]:
+    """`say:<text>`, `dial:<number or sip: URI>` or `hangup`; empty is the default `say`."""
+    if not raw:
+        return ("say", DEFAULT_FALLBACK_TEXT)
+    kind, _, arg = raw.partition(":")
+    kind = kind.strip().lower()
+    if kind == "hangup" and not arg.strip():
+        return ("hangup", "")
+    if kind == "say":
+        return ("say", arg.strip() or DEFAULT_FALLBACK_TEXT)
+    if kind == "dial" and arg.strip():
+        return ("dial", arg.strip())
+    raise SettingsError(f"{name} must be say:<text>, dial:<number or sip: URI> or hangup, got {raw!r}")
 
 
 def _float(name: str, raw: str) -> float:
@@ -128,8 +152,18 @@ class Settings:
     recordings_dir: str = ""
     call_events_url: str = field(default="", repr=False)
     call_events_secret: str = field(default="", repr=False)
+    # What a caller gets when the agent cannot be had: ("say", text), ("dial", destination)
+    # or ("hangup", ""). AGENT_ROUTES may name one per number.
+    agent_fallback: tuple[str, str] = ("say", DEFAULT_FALLBACK_TEXT)
+    agent_reconnects: int = 3
+    stream_resume_grace_s: float = 10.0
+    max_calls: int = 300
     log_level: str = "info"
     log_format: str = "json"
+    # Twilio's regional REST host (gateway.carriers.twilio.regions), resolved: a region given
+    # alone has its default edge here. Both "": api.twilio.com.
+    twilio_region: str = ""
+    twilio_edge: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -151,6 +185,10 @@ class Settings:
         log_format = get("LOG_FORMAT", "json").lower()
         if log_format not in {"json", "console"}:
             raise SettingsError(f"LOG_FORMAT must be json or console, got {log_format!r}")
+        try:
+            twilio_region, twilio_edge = resolve(get("TWILIO_REGION"), get("TWILIO_EDGE"))
+        except RegionError as exc:
+            raise SettingsError(str(exc)) from None
         return cls(
             port=int(port_raw),
             public_url=public_url,
@@ -187,8 +225,14 @@ class Settings:
             recordings_dir=get("RECORDINGS_DIR"),
             call_events_url=get("CALL_EVENTS_URL"),
             call_events_secret=get("CALL_EVENTS_SECRET"),
+            agent_fallback=agent_fallback("AGENT_FALLBACK", get("AGENT_FALLBACK")),
+            agent_reconnects=int(_float("AGENT_RECONNECTS", get("AGENT_RECONNECTS", "3"))),
+            stream_resume_grace_s=_float("STREAM_RESUME_GRACE_S", get("STREAM_RESUME_GRACE_S", "10")),
+            max_calls=int(_float("MAX_CALLS", get("MAX_CALLS", "300"))),
             log_level=get("LOG_LEVEL", "info").lower(),
             log_format=log_format,
+            twilio_region=twilio_region,
+            twilio_edge=twilio_edge,
         )
 
     @property

@@ -14,6 +14,7 @@ from gateway.dtmf import detect_dtmf
 from gateway.sandbox.agent import GOODBYE_HZ, GREETING_HZ, AgentBehaviour
 from gateway.sandbox.harness import sandbox
 from gateway.sandbox.script import CallScript
+from gateway.settings import DEFAULT_FALLBACK_TEXT
 
 FRAME = 160
 
@@ -227,48 +228,83 @@ async def test_malformed_frames_leave_that_call_and_a_concurrent_call_running():
     assert bad.end_reason == good.end_reason == "caller hung up"
 
 
+def silence_before(call, event: str) -> float:
+    """Seconds from the stream's start to the first timeline entry starting with `event`."""
+    started = next(t for t, what in call.timeline if what == "stream started")
+    return next(t for t, what in call.timeline if what.startswith(event)) - started
+
+
 @pytest.mark.parametrize(
-    "behaviour",
-    [AgentBehaviour(refuse_status=429), AgentBehaviour(never_ack=True)],
+    ("behaviour", "most_silence_s"),
+    [(AgentBehaviour(refuse_status=429), 3.0), (AgentBehaviour(never_ack=True), 6.0)],
     ids=["refused", "no-ack"],
 )
-async def test_unavailable_agent_ends_the_call_instead_of_leaving_silence(behaviour, monkeypatch):
-    monkeypatch.setattr("gateway.agents.cartesia.ACK_TIMEOUT_S", 0.5)
+async def test_an_agent_that_cannot_be_had_gets_the_caller_the_fallback(behaviour, most_silence_s):
     async with sandbox(behaviour) as box:
         call = await box.connect_call()
-        await call.run(CallScript(max_s=5))
-        assert len(box.rest.hangups(call.call_sid)) == 1
-        assert call.end_reason in {"hung up via REST", "gateway closed the stream"}
+        await call.run(CallScript(max_s=9))
+        agent_sockets = len(box.agent.calls) if not behaviour.refuse_status else None
+    assert call.said == [DEFAULT_FALLBACK_TEXT]
+    assert call.end_reason == "hung up by TwiML"  # the <Hangup/> after the <Say>
+    assert silence_before(call, "call redirected via REST") <= most_silence_s
+    assert box.rest.hangups(call.call_sid) == []
+    if agent_sockets is not None:
+        assert agent_sockets == 1  # an agent that never acks is not asked again: the fallback
 
 
-async def test_unreachable_agent_ends_the_call():
+async def test_a_refused_agent_is_retried_within_the_budget(monkeypatch):
+    behaviour = AgentBehaviour(greeting_s=0.3, refuse_first=2)  # 429 twice, then it answers
+    async with sandbox(behaviour) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(max_s=2))
+    assert call.said == []
+    assert call.first_audio_at is not None and box.agent.refused == 2
+    assert silence_before(call, "caller hears the agent") < 1.5
+
+
+@pytest.mark.parametrize(
+    ("fallback", "said", "hangups"),
+    [(("hangup", ""), [], 1), (("say", "We are closed."), ["We are closed."], 0)],
+    ids=["hangup", "say"],
+)
+async def test_unreachable_agent_gets_the_chosen_fallback(fallback, said, hangups):
     from gateway.sandbox.servers import free_port
 
-    async with sandbox(cartesia_url=f"ws://127.0.0.1:{free_port()}") as box:
+    async with sandbox(cartesia_url=f"ws://127.0.0.1:{free_port()}", agent_fallback=fallback) as box:
         call = await box.connect_call()
         await call.run(CallScript(max_s=5))
-        assert len(box.rest.hangups(call.call_sid)) == 1
+    assert call.said == said
+    assert len(box.rest.hangups(call.call_sid)) == hangups
+    assert silence_before(call, "call") <= 3.0  # "call hung up/redirected via REST"
 
 
-async def test_a_second_socket_for_the_call_replaces_the_first():
+async def test_a_refused_key_is_not_retried_and_dials_the_fallback_number():
+    async with sandbox(AgentBehaviour(refuse_status=401), agent_fallback=("dial", "+15550009999")) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(max_s=3))
+        assert box.agent.refused == 1
+        (update,) = box.rest.redirects(call.call_sid)
+    assert "<Number>+15550009999</Number>" in update.form["Twiml"]
+    assert call.end_reason == "redirected via REST"
+
+
+async def test_a_replayed_media_socket_cannot_join_the_call():
     async with sandbox(AgentBehaviour(greeting_s=0.2)) as box:
         first = await box.connect_call()
-        runner = asyncio.create_task(first.run(CallScript(max_s=5)))
+        runner = asyncio.create_task(first.run(CallScript(max_s=2.5)))
         await box.agent.wait_for_call()
         await asyncio.sleep(0.3)
-        second = box.new_call(call_sid=first.call_sid)
-        second.stream_url, second.parameters = first.stream_url, first.parameters
-        box.calls[first.call_sid] = second
-        await second.open_stream(stream_sid="MZ" + "b" * 32)
-        voice = os.urandom(FRAME * 10)
-        await second.run(CallScript(audio=voice, dtmf=[(0.3, "3")], hangup_at=0.6))
+        # The same signed upgrade and the same `start` (session reference) again.
+        replay = box.new_call(call_sid=first.call_sid)
+        replay.stream_url, replay.parameters = first.stream_url, first.parameters
+        await replay.open_stream(stream_sid="MZ" + "b" * 32)
+        async with asyncio.timeout(5):
+            await replay._ws.wait_closed()
         await runner
-        agent_call = box.agent.calls[0]
-        await asyncio.wait_for(agent_call.closed.wait(), 5)
-    assert first.end_reason == "gateway closed the stream"
-    assert len(box.agent.calls) == 1  # the agent session carried over
-    assert voice in bytes(agent_call.audio_in)
-    assert agent_call.dtmf_in == ["3"]
+    assert replay._ws.close_code == 1008 and replay._ws.close_reason == "stream already used"
+    assert replay.media_arrivals == []
+    assert len(box.agent.calls) == 1
+    assert first.end_reason == "caller hung up"  # the first stream went on to the end
 
 
 async def test_final_status_callback_ends_and_removes_the_session():
@@ -359,3 +395,69 @@ async def test_agent_dtmf_strings_past_the_bound_are_dropped_not_played():
 
     with pytest.raises(ProtocolError, match="1 to 64"):
         calls_api.parse_frame('{"event":"dtmf","dtmf":"' + "w" * 65 + '"}')
+
+
+async def test_max_calls_gives_new_calls_the_fallback_not_a_degraded_bridge():
+    async with sandbox(AgentBehaviour(greeting_s=0.3), max_calls=1) as box:
+        first = await box.connect_call()
+        running = asyncio.create_task(first.run(CallScript(max_s=2)))
+        await box.agent.wait_for_call()
+        second = box.new_call()
+        assert await second.dial() == 200
+        assert "<Say>" in second.twiml and "<Stream" not in second.twiml
+        await running
+    assert len(box.agent.calls) == 1
+    assert first.end_reason == "caller hung up"
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "why"),
+    [(1011, "internal error", "agent_dropped"), (1000, "connection idle timeout", "agent_idle_timeout")],
+    ids=["1011", "idle-timeout"],
+)
+async def test_a_dropped_agent_is_reopened_and_resumed(code, reason, why):
+    async with sandbox(AgentBehaviour(continuous=True)) as box:
+        call = await box.connect_call()
+        running = asyncio.create_task(call.run(CallScript(max_s=3)))
+        first = await box.agent.wait_for_call()
+        await asyncio.sleep(0.8)
+        box.agent.drop(first, code, reason)
+        second = await box.agent.wait_for_call(1)
+        await running
+    assert second.metadata["resumed"] is True and second.metadata["resume_reason"] == why
+    assert second.metadata["control_url"] == first.metadata["control_url"]
+    assert call.end_reason == "caller hung up" and call.said == []
+
+
+async def test_agent_reconnects_are_bounded_then_the_fallback():
+    async with sandbox(AgentBehaviour(continuous=True), agent_reconnects=1) as box:
+        call = await box.connect_call()
+        running = asyncio.create_task(call.run(CallScript(max_s=6)))
+        for index in range(2):
+            agent_call = await box.agent.wait_for_call(index)
+            await asyncio.sleep(0.3)
+            box.agent.drop(agent_call)
+        await running
+    assert len(box.agent.calls) == 2  # one reconnect, then no more
+    assert call.said == [DEFAULT_FALLBACK_TEXT]
+
+
+async def test_the_agent_ending_the_call_is_never_retried():
+    async with sandbox(AgentBehaviour(greeting_s=0.3)) as box:
+        call = await box.connect_call()
+        await call.run(CallScript(dtmf=[(0.5, "#")], max_s=5))
+    assert len(box.agent.calls) == 1
+    assert call.end_reason == "hung up via REST" and call.said == []
+
+
+async def test_a_number_can_have_its_own_fallback():
+    routes = {
+        "+15559870002": {"agent": "agent_sandbox", "metadata": {}, "fallback": ("dial", "+15550001234")}
+    }
+    async with sandbox(AgentBehaviour(refuse_status=503), agent_routes=routes) as box:
+        call = await box.connect_call()  # to +15559870002
+        other = await box.connect_call(to="+15559870003")
+        await asyncio.gather(call.run(CallScript(max_s=5)), other.run(CallScript(max_s=5)))
+        (update,) = box.rest.redirects(call.call_sid)
+    assert "<Number>+15550001234</Number>" in update.form["Twiml"]
+    assert other.said == [DEFAULT_FALLBACK_TEXT]  # the others get AGENT_FALLBACK

@@ -95,18 +95,24 @@ def test_outbound_twilio_frames_are_valid_json_that_round_trips(audio, sid):
     assert codec.parse_frame(orjson.dumps(media)) == CallerAudio(payload)
 
 
-def test_stream_url_swaps_the_scheme_and_drops_the_query():
-    assert codec.stream_url("https://gw.example.com") == "wss://gw.example.com/twilio/media"
-    assert codec.stream_url("http://127.0.0.1:8080/") == "ws://127.0.0.1:8080/twilio/media"
+def test_stream_url_swaps_the_scheme_names_the_call_and_drops_the_query():
+    assert codec.stream_url("https://gw.example.com", "CA1") == "wss://gw.example.com/twilio/media/CA1"
+    assert codec.stream_url("http://127.0.0.1:8080/", "CA2") == "ws://127.0.0.1:8080/twilio/media/CA2"
     with pytest.raises(ValueError):
-        codec.stream_url("ftp://x")
+        codec.stream_url("ftp://x", "CA1")
 
 
-def test_connect_twiml_streams_both_ways_with_the_session_parameter_then_hangs_up():
-    twiml = twiml_builders.connect_stream_twiml("wss://gw/twilio/media", {"session": "abc"})
-    assert '<Connect><Stream url="wss://gw/twilio/media"><Parameter name="session" value="abc" />' in twiml
-    assert twiml.index("</Connect>") < twiml.index("<Hangup />")
-    assert "<Start>" not in twiml
+def test_connect_twiml_streams_both_ways_then_asks_the_gateway_what_next():
+    twiml = twiml_builders.connect_stream_twiml(
+        "wss://gw/twilio/media/CA1", {"session": "abc"}, "https://gw/twilio/continue"
+    )
+    assert (
+        '<Connect><Stream url="wss://gw/twilio/media/CA1"><Parameter name="session" value="abc" />' in twiml
+    )
+    assert twiml.index("</Connect>") < twiml.index(
+        '<Redirect method="POST">https://gw/twilio/continue</Redirect>'
+    )
+    assert "<Hangup" not in twiml and "<Start>" not in twiml
 
 
 def test_dial_twiml_for_numbers_and_sip_uris_with_headers():

@@ -1,6 +1,6 @@
-"""A call's stream handed over from one instance to another keeps its control URL: the old
-instance's cleanup leaves the new owner's record alone, and after a Redis restart only the new
-owner's record comes back (written with compare-and-set on the control token)."""
+"""A call's stream resumed on another instance keeps its control URL: the old instance lets the
+call go and its cleanup leaves the new owner's record alone, and after a Redis restart only the
+new owner's record comes back (written with compare-and-set on the stream's session)."""
 
 import asyncio
 import contextlib
@@ -11,6 +11,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from gateway.sandbox.agent import AgentBehaviour
+from gateway.sandbox.flow import after_connect
 from tests.redis_server import RedisServer
 from tests.test_cluster import (
     RECOVERY_S,
@@ -55,17 +56,20 @@ async def test_a_stream_handed_over_to_another_instance_keeps_its_control_url():
             streaming = asyncio.create_task(pump(call))
             first = await agent_call_for(agent, call.call_sid)
             assert first.metadata["control_url"].startswith(a.url)
-            # Twilio opens the call's stream again, on B (the same TwiML, so the same session).
-            old_socket = call._ws
-            call.stream_url = call.stream_url.replace(a.url.split("//")[1], b.url.split("//")[1])
-            await call.open_stream()
+            # The stream drops; Twilio runs the <Redirect> after </Connect>, which the
+            # platform's router sends to B, and B's TwiML opens a new stream on B.
+            control = first.metadata["control_url"]
+            call._ws.transport.abort()
+            await asyncio.sleep(0.5)
+            ((verb, target),) = after_connect(call.twiml)
+            await call.run_verbs([(verb, target.replace(a.url, b.url))], "resumed")
             async with asyncio.timeout(10):
                 while not (moved := [c for c in agent.calls if c is not first and c.start]):  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
             url = moved[0].metadata["control_url"]
-            assert url.startswith(b.url)
-            await old_socket.close()  # A's old stream ends, and with it A's session
-            await asyncio.wait_for(first.closed.wait(), 5)
+            assert url.rsplit("/", 1)[1] == control.rsplit("/", 1)[1]  # the same token, on B's origin
+            assert moved[0].metadata["resumed"] is True
+            await asyncio.wait_for(first.closed.wait(), 5)  # A let go before B's agent came up
             await asyncio.sleep(0.5)  # A's cleanup has run
             client = aioredis.Redis.from_url(server.url)
             try:
@@ -83,10 +87,9 @@ async def test_a_stream_handed_over_to_another_instance_keeps_its_control_url():
                     while await client.get(token_key(url)) != call.call_sid.encode():  # noqa: ASYNC110
                         await asyncio.sleep(0.05)
                 await asyncio.sleep(2.5)  # a heartbeat or two more on both
-                assert (
-                    json.loads(await client.get(call_key(call.call_sid)))["token_hash"]
-                    == record["token_hash"]
-                )
+                restored = json.loads(await client.get(call_key(call.call_sid)))
+                assert restored["session_hash"] == record["session_hash"]  # B's, not A's
+                assert restored["owner"] == record["owner"]
                 async with asyncio.timeout(RECOVERY_S - (time.monotonic() - restarted) + 3):
                     while (reply := await post(on(a, url), {"action": "send_dtmf", "digits": "2"}))[0] == 503:  # noqa: ASYNC110
                         await asyncio.sleep(0.3)  # B's subscriber may still be reconnecting

@@ -275,6 +275,26 @@ async def test_control_url_variant_says_goodbye_then_ends_the_call(line_python: 
     assert [c["turn"] for c in outcome["completions"]] == [0]
 
 
+async def test_a_resumed_session_does_not_greet_again_and_knows_where_it_was(
+    line_python: Path, tmp_path: Path
+) -> None:
+    """What the gateway sends when it reopens a dropped agent or moves the call: `resumed` and the
+    agent's own last `custom` state. The example agent carries on instead of greeting again."""
+    turns = [{"user": "Are you still there?", "model": [{"say": "Yes, sorry about that."}]}]
+    fresh = await drive_agent(line_python, tmp_path, {"call_sid": "CAfresh"}, turns)
+    assert harness_events(fresh)[0] == ("say", "Hello, Example Corp, how can I help you?")
+    metadata = {
+        "call_sid": "CAresumed",
+        "resumed": True,
+        "resume_reason": "agent_dropped",
+        "agent_state": {"topic": "billing"},
+    }
+    resumed = await drive_agent(line_python, tmp_path, metadata, turns)
+    assert harness_events(resumed) == [("say", "Yes, sorry about that.")]
+    system = resumed["completions"][0]["messages"][0]
+    assert system["role"] == "system" and '{"topic": "billing"}' in system["content"]
+
+
 async def test_without_a_control_url_the_tools_answer_in_words(line_python: Path, tmp_path: Path) -> None:
     """Outside the gateway (no control URL in the metadata) a tool call is a sentence, not a crash."""
     turns = [

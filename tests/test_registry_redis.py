@@ -17,6 +17,7 @@ from gateway.registry.base import (
     LIVE_TTL_S,
     ROUTE_TIMEOUT_S,
     CallRecord,
+    OwnerGone,
     RegistryUnavailable,
     digest,
     new_secret,
@@ -243,10 +244,11 @@ async def test_route_handlers_run_concurrently_and_errors_answer_500(make: MakeR
 
 
 @needs_redis
-async def test_route_to_unknown_owner_returns_none_at_once(make: MakeRegistry) -> None:
+async def test_route_to_unknown_owner_raises_owner_gone_at_once(make: MakeRegistry) -> None:
     b = await make()
     started = time.monotonic()
-    assert await b.route("gw-nobody", {"call_sid": "CA1"}) is None
+    with pytest.raises(OwnerGone):
+        await b.route("gw-nobody", {"call_sid": "CA1"})
     assert time.monotonic() - started < 0.5  # nobody subscribed: no point waiting
 
 

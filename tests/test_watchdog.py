@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway.call.session import Session
 from gateway.call.states import State
-from gateway.events import AgentAudio, CallerAudio
+from gateway.events import AgentAudio, CallerAudio, StreamStopped
 from gateway.liveness import Liveness
 from gateway.registry.base import CallRecord
 from gateway.registry.memory import MemoryRegistry
@@ -49,18 +49,26 @@ class Leg:
         self.closed_with: int | None = None
         self._frame, self._stuck = frame, stuck
         self._gone = asyncio.Event()
+        self._hung_up = False
 
     async def events(self) -> AsyncIterator[object]:
         while not self._gone.is_set():
             await asyncio.sleep(0.02)
             self.liveness.received()
             yield self._frame
+        if self._hung_up:
+            yield StreamStopped()
+
+    async def hang_up(self) -> None:
+        """The caller hangs up: Twilio's `stop`, then the stream ends."""
+        self._hung_up = True
+        self._gone.set()
 
     async def _send(self) -> None:
         self.liveness.send_waiting_since = time.monotonic()
         try:
-            if self._stuck:
-                await asyncio.Event().wait()
+            if self._stuck:  # until the connection is dropped, as a real socket's send
+                await self._gone.wait()
             self.sent += 1
         finally:
             self.liveness.send_waiting_since = 0.0
@@ -109,19 +117,27 @@ class Control:
     async def transfer(self, call_sid: str, plan: object) -> None:
         raise AssertionError("no transfer in these tests")
 
+    async def fall_back(self, call_sid: str, fallback: list[str]) -> None:
+        assert fallback[0] == "hangup"
+        self.hangups.append(call_sid)
+
 
 @pytest.fixture(autouse=True)
 def fast_watch(monkeypatch):
     monkeypatch.setattr("gateway.call.watchdog.WATCH_EVERY_S", 0.05)
 
 
-async def run_call(carrier: Leg, agent: Leg) -> tuple[Session, Control, MemoryRegistry]:
+async def run_call(
+    carrier: Leg, agent: Leg, *more_agents: Leg, reconnects: int = 0
+) -> tuple[Session, Control, MemoryRegistry]:
+    """Run a call to its end; `more_agents` are what reopening a dropped agent gives."""
     registry, control = MemoryRegistry(), Control()
     record = CallRecord("CA1", registry.instance_id, State.RINGING, "+1555", "+1666", "agent", "inbound", "h")
     await registry.put(record)
+    agents = [agent, *more_agents]
 
-    async def open_agent(_record: CallRecord) -> Leg:
-        return agent
+    async def open_agent(_record: CallRecord, _why: str, _open_s: float) -> Leg:
+        return agents.pop(0)
 
     session = Session(
         record,
@@ -131,6 +147,8 @@ async def run_call(carrier: Leg, agent: Leg) -> tuple[Session, Control, MemoryRe
         plan_transfer=lambda _r, _f: None,  # type: ignore[arg-type,return-value]
         output_format="mulaw_8000",
         end_call_drain_s=0.2,
+        fallback=("hangup", ""),
+        max_reconnects=reconnects,
     )
     await asyncio.wait_for(session.run(carrier), 5)  # type: ignore[arg-type]
     return session, control, registry
@@ -147,14 +165,27 @@ async def test_a_carrier_that_stops_reading_ends_the_call():
     assert await registry.get("CA1") is None
 
 
-async def test_an_agent_that_stops_reading_ends_the_call_with_a_hang_up():
+async def test_an_agent_that_stops_reading_gets_the_caller_the_fallback_past_its_reconnects():
     carrier = Leg(CallerAudio(SILENCE_B64), stuck=False)
     agent = Leg(AgentAudio(SILENCE_B64), stuck=True)
     session, control, _registry = await run_call(carrier, agent)
     assert agent.aborted  # its stuck send cannot hold the call
-    assert session.outcome == "agent_not_reading"
+    assert session.outcome == "agent_fallback_hangup"
     assert control.hangups == ["CA1"]  # the caller is not left in silence
     assert carrier.closed_with == 1000
+
+
+async def test_an_agent_that_stops_reading_is_replaced_by_a_new_session():
+    carrier = Leg(CallerAudio(SILENCE_B64), stuck=False)
+    stuck = Leg(AgentAudio(SILENCE_B64), stuck=True)
+    fresh = Leg(AgentAudio(SILENCE_B64), stuck=False)
+    task = asyncio.create_task(run_call(carrier, stuck, fresh, reconnects=1))
+    await asyncio.sleep(1.2)
+    assert stuck.aborted and fresh.sent > 10  # the caller's audio goes to the new session
+    await carrier.hang_up()
+    session, control, _registry = await task
+    assert session.outcome == "caller_hung_up"
+    assert control.hangups == []
 
 
 async def test_legs_that_keep_up_are_left_alone():
@@ -165,7 +196,7 @@ async def test_legs_that_keep_up_are_left_alone():
     assert not task.done()
     assert carrier.sent > 20 and agent.sent > 20
     assert agent.keepalives >= 10  # the agent is asked to ping on every round
-    await carrier.close()
+    await carrier.hang_up()
     session, control, _registry = await task
     assert session.outcome == "caller_hung_up"
     assert control.hangups == []
@@ -219,7 +250,10 @@ async def test_the_gateway_pings_a_silent_agent_that_answers_and_the_call_goes_o
 
 
 async def test_an_agent_that_stops_answering_pings_ends_the_call(fast_pings):
-    async with ping_agent(answers_pings=False) as (url, pings), sandbox(cartesia_url=url) as box:
+    async with (
+        ping_agent(answers_pings=False) as (url, pings),
+        sandbox(cartesia_url=url, agent_reconnects=0, agent_fallback=("hangup", "")) as box,
+    ):
         call = await box.connect_call()
         runner = asyncio.create_task(call.run(CallScript(hangup_at=10)))
         async with asyncio.timeout(5):
@@ -274,7 +308,8 @@ async def test_a_real_agent_that_stops_reading_is_dropped_and_the_call_hung_up(m
     port = listener.getsockname()[1]
     await web.SockSite(runner, listener).start()
     try:
-        async with sandbox(cartesia_url=f"ws://127.0.0.1:{port}") as box:
+        fallback = {"agent_reconnects": 0, "agent_fallback": ("hangup", "")}
+        async with sandbox(cartesia_url=f"ws://127.0.0.1:{port}", **fallback) as box:
             call = await box.connect_call()
             await asyncio.sleep(0.3)  # the ack
             assert tcp_states(port) == [ESTABLISHED]

@@ -276,7 +276,7 @@ function unescapeXml(s) {
 
 class Call {
   constructor(spec) {
-    Object.assign(this, spec); // call_sid, stream_sid, account_sid, form, signature
+    Object.assign(this, spec); // call_sid, stream_sid, account_sid, form, signature, stream_url, stream_signature
     this.down = new SeqCheck();
     this.sent = 0;
     this.marks = 0;
@@ -309,8 +309,8 @@ class Call {
       const session = /<Parameter[^>]*\bname="session"[^>]*\bvalue="([^"]*)"/.exec(twiml);
       if (!url || !session) throw new Error('no <Stream url> / session parameter in TwiML: ' + twiml.substring(0, 200));
       const streamUrl = unescapeXml(url[1]);
-      if (streamUrl !== cfg.stream_url) throw new Error(`stream URL ${streamUrl} is not the one signed (${cfg.stream_url})`);
-      this.open(streamUrl, cfg.stream_signature, unescapeXml(session[1]));
+      if (streamUrl !== this.stream_url) throw new Error(`stream URL ${streamUrl} is not the one signed (${this.stream_url})`);
+      this.open(streamUrl, this.stream_signature, unescapeXml(session[1]));
     } catch (e) {
       this.fail(String(e && e.message ? e.message : e));
     }
@@ -453,7 +453,7 @@ class Call {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 async function addCalls(cmd) {
-  const cfg = { voice_url: cmd.voice_url, stream_url: cmd.stream_url, stream_signature: cmd.stream_signature };
+  const cfg = { voice_url: cmd.voice_url };
   const added = cmd.calls.map((spec) => new Call(spec));
   calls.push(...added);
   const t0 = performance.now();

@@ -8,6 +8,7 @@ Environment:
                      what a Voximplant agent reads) or `control_url` (the gateway's own name)
 """
 
+import json
 import os
 
 from call_control import VOXIMPLANT_KEY, CallControl
@@ -33,15 +34,29 @@ another option; do not retry the same thing."""
 
 INTRODUCTION = "Hello, Example Corp, how can I help you?"
 
+# line-gateway opens a new session when the call's agent socket dropped or the call moved to
+# another gateway instance, with `resumed: true` and, under `agent_state`, the metadata of the
+# last `custom` event this agent sent: the caller is mid-conversation, so no greeting.
+RESUMED_NOTE = """
+
+The line dropped for a moment and the call has just resumed: do not greet the caller again and
+do not repeat yourself; say briefly that you are back if it fits, and carry on. What you knew
+before: {state}"""
+
 
 def build_agent(metadata: dict | None, *, control_url_key: str = VOXIMPLANT_KEY) -> LlmAgent:
     """The agent for one call, its tools bound to that call's control URL."""
+    metadata = metadata or {}
     control = CallControl.from_metadata(metadata, key=control_url_key)
+    prompt, introduction = SYSTEM_PROMPT, INTRODUCTION
+    if metadata.get("resumed"):
+        prompt += RESUMED_NOTE.format(state=json.dumps(metadata.get("agent_state") or {}))
+        introduction = None
     return LlmAgent(
         model=os.getenv("LLM_MODEL", DEFAULT_MODEL),
         api_key=os.getenv("LLM_API_KEY"),
         tools=control.tools(),
-        config=LlmConfig(system_prompt=SYSTEM_PROMPT, introduction=INTRODUCTION),
+        config=LlmConfig(system_prompt=prompt, introduction=introduction),
     )
 
 

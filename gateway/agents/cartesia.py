@@ -26,6 +26,7 @@ from gateway.agents.calls_api import (
     parse_frame,
     start_frame,
 )
+from gateway.call.legs import AgentUnavailable
 from gateway.events import AgentEvent, AgentReady, ProtocolError
 from gateway.liveness import Liveness
 
@@ -45,9 +46,10 @@ PING_TIMEOUT_S = 30.0
 # A ping is one small frame; if it cannot be written at once the send path is stalled, which
 # the watchdog reports on its own.
 PING_WRITE_TIMEOUT_S = 1.0
-# Bounds on bringing the agent up: TCP + TLS + upgrade, then the `ack` to our `start`.
+# Bounds on bringing the agent up: TCP + TLS + upgrade (the caller's agent link may give less),
+# then the `ack` to our `start`.
 OPEN_TIMEOUT_S = 10.0
-ACK_TIMEOUT_S = 10.0
+ACK_TIMEOUT_S = 5.0
 # A send waits for the write buffer to drain at most this long; past it the agent is gone, and
 # the session's watchdog aborts the socket (see gateway.liveness).
 SEND_TIMEOUT_S = 5.0
@@ -55,15 +57,8 @@ SEND_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
 # Handshake statuses that mean the API key or the agent id is wrong: no retry will help.
 REFUSED_KEY_STATUSES = frozenset({401, 403})
-
-
-class AgentUnavailable(RuntimeError):
-    """The agent could not be reached, refused the call, or did not acknowledge `start`.
-    `status`: the HTTP status of a refused handshake (0 when there was none)."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
+# Refusals worth another try (busy, or a server that may be restarting); any other 4xx is ours.
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
@@ -143,11 +138,12 @@ class CartesiaAgent:
         *,
         stream_id: str,
         metadata: Mapping[str, Any],
+        open_timeout_s: float = OPEN_TIMEOUT_S,
     ) -> CartesiaAgent:
         url = agent_url(config.base_url, agent_id)
         headers = {"Cartesia-Version": config.version, **auth_headers(config.api_key)}
         try:
-            async with asyncio.timeout(OPEN_TIMEOUT_S):
+            async with asyncio.timeout(min(open_timeout_s, OPEN_TIMEOUT_S)):
                 ws = await http.ws_connect(
                     url,
                     headers=headers,
@@ -162,8 +158,18 @@ class CartesiaAgent:
                     f"Cartesia refused the API key for agent {agent_id} (HTTP {exc.status}): "
                     "check CARTESIA_API_KEY",
                     exc.status,
+                    retry=False,
                 ) from None
-            raise AgentUnavailable(f"agent refused the socket: HTTP {exc.status}", exc.status) from None
+            if exc.status == 404:
+                raise AgentUnavailable(
+                    f"no agent {agent_id} at {config.base_url} (HTTP 404): check the agent id",
+                    exc.status,
+                    retry=False,
+                ) from None
+            retry = exc.status >= 500 or exc.status in RETRYABLE_STATUSES
+            raise AgentUnavailable(
+                f"agent refused the socket: HTTP {exc.status}", exc.status, retry=retry
+            ) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise AgentUnavailable(f"agent unreachable: {type(exc).__name__}: {exc}") from None
         agent = cls(ws, stream_id)

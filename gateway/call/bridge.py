@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.agents.calls_api import decode_payload
@@ -51,6 +51,7 @@ class Bridge:
         self._recorder = recorder
         self._pending: deque[CallerAudio | CallerDtmf] = deque(maxlen=PENDING_UPLINK_FRAMES)
         self._pending_dropped = 0
+        self.dropped_before_agent = 0  # caller frames past the hold's bound, for the call's metrics
         self._agent_noise = LogThrottle()
         # Twilio's media timestamps count from each stream's start; after a handover the new
         # stream's are shifted by when it began, so the recording stays in time.
@@ -63,10 +64,12 @@ class Bridge:
 
     # Caller -> agent
 
-    async def uplink(self) -> None:
-        """Until the caller's stream ends (stop, or closed) with no newer one replacing it."""
+    async def uplink(self) -> bool:
+        """Until the caller's stream ends with no newer one replacing it: True when it ended
+        with Twilio's `stop` (a hang-up, or a REST update), False when it just closed."""
         malformed = LogThrottle()
         playout = self.playout
+        stopped = False
         while True:
             carrier = playout.carrier
             assert carrier is not None
@@ -91,13 +94,15 @@ class Bridge:
                         else:
                             self._hold(event)
                     case StreamStopped():
+                        stopped = True
                         break
                     case ProtocolError():
                         if malformed.allow():
                             count = malformed.count
                             self._log.warning("carrier_frame_dropped", error=str(event), count=count)
             if carrier is playout.carrier:
-                return
+                return stopped
+            stopped = False
 
     def _record_caller(self, event: CallerAudio) -> None:
         try:
@@ -122,11 +127,18 @@ class Bridge:
                 await agent.send_audio(held.payload)
         if self._pending_dropped:
             self._log.warning("uplink_frames_dropped_before_ack", count=self._pending_dropped)
+            self.dropped_before_agent += self._pending_dropped
+            self._pending_dropped = 0
         self.agent = agent
 
     # Agent -> caller
 
-    async def downlink(self, agent: AgentLeg, on_transfer: Callable[[AgentTransfer], None]) -> None:
+    async def downlink(
+        self,
+        agent: AgentLeg,
+        on_transfer: Callable[[AgentTransfer], None],
+        on_custom: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
         """Until the agent's socket closes."""
         playout = self.playout
         async for event in agent.events():
@@ -140,6 +152,7 @@ class Bridge:
                 case AgentCustom(metadata):
                     self._log.info("agent_custom", metadata=metadata)
                     self._emit("agent.custom", self.call_sid, metadata=metadata)
+                    await on_custom(metadata)
                 case AgentTransfer():
                     on_transfer(event)
                 case AgentUnknown(name):

@@ -6,12 +6,23 @@ and take audio, marks and DTMF from it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from gateway.call.actions import TransferPlan
 from gateway.events import AgentEvent, CarrierEvent, ProtocolError
 from gateway.liveness import Liveness
+
+
+class AgentUnavailable(RuntimeError):
+    """The agent could not be had: refused, unreachable, or no `ack`. `status`: the HTTP status
+    of a refused handshake (0 when there was none); `retry`: whether trying again may help (not
+    for a refused key or an agent that does not exist)."""
+
+    def __init__(self, message: str, status: int = 0, *, retry: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry = retry
 
 
 class CarrierLeg(Protocol):
@@ -51,8 +62,18 @@ class AgentLeg(Protocol):
     def close_reason(self) -> str | None: ...
 
 
+class CallMetrics(Protocol):
+    """What a call reports to the gateway's metrics (gateway.metrics.Metrics), per event."""
+
+    def agent_reconnect(self, reason: str) -> None: ...
+    def fallback(self, kind: str) -> None: ...
+
+
 class CallControl(Protocol):
     """What the carrier's REST API does to a live call."""
 
     async def hangup(self, call_sid: str) -> bool: ...
     async def transfer(self, call_sid: str, plan: TransferPlan) -> None: ...
+    async def fall_back(self, call_sid: str, fallback: Sequence[str]) -> None:
+        """What the caller gets when the agent cannot be had: [kind, argument] (AGENT_FALLBACK)."""
+        ...

@@ -99,6 +99,7 @@ class Playout:
         self._recorder = recorder
         self._log = log
         self.agent_spoke_at = 0.0  # when the agent's latest audio arrived (monotonic)
+        self.first_audio_at = 0.0  # when its first did (for the time-to-first-audio metric)
         self._sniffed = bytearray()  # the agent's first audio, until its encoding is told
         self._sniff_windows = MAX_SNIFF_WINDOWS
 
@@ -120,7 +121,9 @@ class Playout:
 
     async def agent_audio(self, payload_b64: str) -> None:
         """A frame of the agent's speech, in its output format."""
-        self.agent_spoke_at = time.monotonic()
+        self.agent_spoke_at = now = time.monotonic()
+        if not self.first_audio_at:
+            self.first_audio_at = now
         if self.carrier is None:
             return
         try:

@@ -2,7 +2,8 @@
 
 One call is one task group (uplink, downlink, inbox, watchdog); whichever way the call ends,
 one `finally` closes both sockets and removes the registry entry. What the caller hears goes
-through the call's `Playout`.
+through the call's `Playout`. A dropped agent is reopened (gateway.call.agent_link); a stream
+that closes without Twilio's `stop` is held for a new one, here or on another instance.
 """
 
 from __future__ import annotations
@@ -10,35 +11,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
-from gateway.agents.calls_api import ended_by_agent
 from gateway.call.actions import Action, ActionRefused, EndCall, SendDtmf, TransferPlan, admit
+from gateway.call.agent_link import AgentLink, AgentOpener
+from gateway.call.agent_side import AgentSide
 from gateway.call.bridge import Bridge, EventSink
-from gateway.call.legs import AgentLeg, CallControl, CarrierLeg
+from gateway.call.caller_side import CLOSE_TIMEOUT_S, CallerSide
+from gateway.call.legs import AgentLeg, CallControl, CallMetrics, CarrierLeg
 from gateway.call.playout import Playout
 from gateway.call.states import FINAL, LEAVING, State, check_transition
 from gateway.call.watchdog import watch
-from gateway.events import AgentTransfer
 from gateway.recording import CallRecorder, save_recording
-from gateway.registry.base import LIVE_TTL_S, TRANSFERRED_TTL_S, CallRecord, SessionRegistry
+from gateway.registry.base import TRANSFERRED_TTL_S, CallRecord, SessionRegistry
 
 log = structlog.get_logger(__name__)
 
 # Control actions queued for the call; a full inbox answers "busy" rather than growing.
 INBOX_SIZE = 8
-# Closing a socket that does not answer is abandoned after this long.
-CLOSE_TIMEOUT_S = 2.0
 # Before an end_call or a transfer asked for through the control API, the agent is given this
 # long, from the request on, without sending audio: a Line agent's tool POSTs at once, while the
 # goodbye it spoke just before is still being synthesised, and its audio can arrive after the
 # POST. Part of END_CALL_DRAIN_S; an agent that closes its socket ends the wait at once.
 AGENT_QUIET_S = 0.7
 
-AgentOpener = Callable[[CallRecord], Awaitable[AgentLeg]]
 TransferPlanner = Callable[[CallRecord, dict[str, Any]], TransferPlan]
 
 
@@ -46,7 +45,7 @@ def _no_events(*_args: Any, **_kwargs: Any) -> None:
     pass
 
 
-class Session:
+class Session(CallerSide, AgentSide):
     """One live call on this instance."""
 
     def __init__(
@@ -62,12 +61,15 @@ class Session:
         emit: EventSink = _no_events,
         recorder: CallRecorder | None = None,
         recordings_dir: str = "",
+        fallback: Sequence[str] = ("hangup", ""),
+        max_reconnects: int = 3,
+        resume_grace_s: float = 10.0,
+        metrics: CallMetrics | None = None,
     ) -> None:
         self.record = record
         self.call_sid = record.call_sid
         self._registry = registry
         self._control = control
-        self._open_agent = open_agent
         self._plan_transfer = plan_transfer
         self._drain_s = end_call_drain_s
         self._emit = emit
@@ -92,6 +94,13 @@ class Session:
         # that a second request sees it at once (409, or 200 for a repeated end_call).
         self.intent: State | None = None
         self._redirected = False  # the transfer's REST update has been sent (its stop follows)
+        self._link = AgentLink(record, open_agent, self.log, max_reconnects, metrics)
+        self._metrics = metrics
+        self._fallback = list(record.fallback or fallback)
+        self._resume_grace_s = resume_grace_s
+        self._new_stream = asyncio.Event()  # a new stream adopted, or the call taken elsewhere
+        self.moving = False  # we closed the stream so that Twilio brings the call back elsewhere
+        self.released = False  # another instance has the call now: end here, touch nothing
 
     @property
     def carrier(self) -> CarrierLeg | None:
@@ -112,7 +121,7 @@ class Session:
         self.state = self.record.state = state
         self.playout.leaving = state in LEAVING
         try:
-            if state in FINAL:
+            if state in FINAL or self.released:
                 return  # written by _cleanup, and only if the entry is still this session's
             await self._registry.set_state(self.call_sid, state)
         except Exception as exc:  # a registry outage never stops a call
@@ -164,11 +173,19 @@ class Session:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 if self.agent_socket is not None:
                     transferred = self.state in (State.TRANSFERRING, State.TRANSFERRED)
-                    await self.agent_socket.close(1000, "call transferred" if transferred else "call ended")
+                    why = "call transferred" if transferred else "call ended"
+                    await self.agent_socket.close(1000, "call moved" if self.released else why)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 if self.carrier is not None:
                     await self.carrier.close(1000)
+        if self.released:  # the call goes on, on the instance its new stream reached
+            self.log.info("call_moved_away")
+            with contextlib.suppress(Exception):
+                # Forgets our copy (never restored after a Redis restart); the record itself
+                # names the new session, so it stays.
+                await self._registry.delete(self.call_sid, self.record.session_hash)
+            return
         final = State.TRANSFERRED if self.state == State.TRANSFERRING else State.ENDED
         if self.state not in FINAL:
             await self._transition(final, outcome=self.outcome or "ended")
@@ -177,9 +194,9 @@ class Session:
             # nobody took, or a stream handed over to another instance, a newer session of the
             # same call has its own entry, which must not be touched.
             if self.state != State.TRANSFERRED:
-                await self._registry.delete(self.call_sid, self.record.token_hash)
+                await self._registry.delete(self.call_sid, self.record.session_hash)
             elif (current := await self._registry.get(self.call_sid)) is not None and (
-                current.token_hash == self.record.token_hash
+                current.session_hash == self.record.session_hash
             ):
                 # Kept a while (with what the transfer wrote to it): if nobody takes the
                 # transfer, the caller comes back to an agent with this call's metadata. Its
@@ -195,116 +212,6 @@ class Session:
         self.log.info("call_closed", outcome=self.outcome, state=self.state)
         if self._recorder is not None and self._recordings_dir:
             await save_recording(self._recorder, self._recordings_dir, self.call_sid, self.log)
-
-    def carrier_ended(self, call_status: str) -> None:
-        """The carrier reports the call over (status callback): stop bridging, hang up nothing."""
-        self.log.info("carrier_call_ended", call_status=call_status)
-        self._finish(f"call_{call_status}")
-
-    async def adopt(self, carrier: CarrierLeg) -> None:
-        """A second media socket for this call (network handover): the newest one wins."""
-        old = self.carrier
-        self._bridge.replace_carrier(carrier)
-        self.log.info("carrier_replaced")
-        if old is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await old.close(1000, "replaced by a newer stream")
-
-    # The caller's side
-
-    async def _uplink(self) -> None:
-        await self._bridge.uplink()
-        await self.caller_left()
-
-    async def caller_left(self, cause: str = "caller_hung_up") -> None:
-        self.carrier_gone = True
-        if self._redirected:
-            # The stream's stop after the transfer's REST update, not a hang-up. The transfer
-            # task finishes the call once all its steps are done (a warm transfer has several).
-            return
-        if self.intent == State.TRANSFERRING or self.state == State.TRANSFERRING:
-            # The caller hung up while the transfer waited for the agent's last words: a
-            # hang-up, and nobody is dialled.
-            self.log.info(cause, during="transfer_drain")
-            self.outcome = self.outcome or cause
-            await self._transition(State.ENDED, cause=cause)
-            self._finish(cause)
-            return
-        if self.state == State.ENDING:
-            self._finish(self.outcome or "ended")
-            return
-        self.log.info(cause)
-        await self._transition(State.ENDING, cause=cause)
-        self._finish(cause)
-
-    def drop_agent(self, agent: AgentLeg, outcome: str) -> None:
-        """The agent's socket is dead: drop it. The downlink then sees it gone and, unless an
-        end or transfer is under way, hangs up: the caller is not left in silence."""
-        if not self.busy_leaving:
-            self.outcome = self.outcome or outcome
-        agent.abort()
-
-    # The agent's side
-
-    async def _connect_and_downlink(self) -> None:
-        try:
-            agent = await self._open_agent(self.record)
-        except Exception as exc:
-            self.log.error("agent_unavailable", error=str(exc))
-            await self._hang_up("agent_unavailable")
-            return
-        self.agent_socket = agent
-        if agent.output_format:
-            self.playout.agent_format(agent.output_format)
-        await self._bridge.agent_ready(agent)
-        if self.state == State.CONNECTING:
-            await self._transition(State.LIVE, stream_id=agent.stream_id)
-            self._live_since = time.monotonic()
-            r = self.record
-            self._emit(
-                "call.started",
-                self.call_sid,
-                agent_id=r.agent_id,
-                direction=r.direction,
-                **{"from": r.from_, "to": r.to},
-            )
-            with contextlib.suppress(Exception):
-                await self._registry.refresh(self.call_sid, LIVE_TTL_S)
-        await self._bridge.downlink(agent, self._agent_transfer)
-        await self._agent_left(agent.close_code, agent.close_reason)
-
-    def _agent_transfer(self, event: AgentTransfer) -> None:
-        if event.unreadable:
-            # Never to TRANSFER_TO instead: the agent asked for somewhere, just not legibly.
-            self.log.error(
-                "agent_transfer_refused",
-                reason="the transfer_call event's destination cannot be read",
-                fields=list(event.unreadable),
-            )
-            return
-        if not event.target:
-            self.log.info("agent_transfer_without_destination", using="TRANSFER_TO")
-        fields = dict(event.details)
-        fields["to"] = event.target
-        try:
-            self.submit(self._plan_transfer(self.record, fields))
-        except ActionRefused as exc:
-            self.log.warning("agent_transfer_refused", code=exc.code, error=exc.message)
-
-    async def _agent_left(self, code: int | None, reason: str | None) -> None:
-        self.agent_gone = True
-        self._agent_left_event.set()
-        if self.busy_leaving:
-            return  # we are ending or transferring; the inbox task finishes the call
-        if ended_by_agent(code, reason):
-            self.log.info("agent_ended_call", reason=reason)
-            await self._transition(State.ENDING, cause="agent_ended_call")
-            await self._drain()
-            await self._hang_up("agent_ended_call")
-        else:
-            self.log.warning("agent_disconnected", close_code=code, close_reason=reason)
-            await self._hang_up("agent_disconnected")
 
     # Ending
 
@@ -394,6 +301,11 @@ class Session:
             await self._transition(State.LIVE, cause="transfer_failed")
             return
         self._finish("transferred")
+
+    @property
+    def dropped_before_agent(self) -> int:
+        """Caller frames dropped while no agent took them (past the hold's bound)."""
+        return self._bridge.dropped_before_agent
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.record.public(), "state": self.state, "heard_s": self.playout.playback.heard_s}

@@ -26,6 +26,8 @@ class State(enum.StrEnum):
 
 FINAL = frozenset({State.ENDED, State.TRANSFERRED})
 LEAVING = frozenset({State.ENDING, State.TRANSFERRING, State.ENDED, State.TRANSFERRED})
+# Media arrived and no ending is under way: a new stream may resume the call.
+RESUMABLE = frozenset({State.CONNECTING, State.LIVE})
 
 # Every legal move. Nothing leaves ENDED; a TRANSFERRED call comes back (RINGING, a new agent
 # session) only when nobody took the transfer. A failed transfer with the agent still there

@@ -16,7 +16,7 @@ from gateway.call.states import FINAL, State, check_transition
 from gateway.carriers.twilio.rest import TwilioRestError
 from gateway.control import parse
 from gateway.control.policy import TransferPolicy
-from gateway.registry.base import CallRecord, SessionRegistry
+from gateway.registry.base import CallRecord, OwnerGone, SessionRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -47,22 +47,26 @@ class ControlService:
         """This instance's session of the call, if it is the one the record (its token) names:
         after a handover an old session here may linger a few seconds, and must not act."""
         session = self._sessions.get(record.call_sid)
-        return session if session is not None and session.record.token_hash == record.token_hash else None
+        same = session is not None and session.record.session_hash == record.session_hash
+        return session if same else None
 
     def snapshot(self, record: CallRecord) -> dict[str, Any]:
         session = self._session_of(record)
         return session.snapshot() if session else record.public()
 
-    async def execute(self, record: CallRecord, body: bytes) -> dict[str, Any]:
-        """Parse the body into an action and carry it out; the reply body, or ActionRefused."""
-        payload = parse.parse_body(body)
+    async def execute(self, record: CallRecord, payload: dict[str, Any]) -> dict[str, Any]:
+        """Carry out a parsed body (`parse.parse_body`); the reply body, or ActionRefused."""
         action = parse.build_action(record, payload, self._policy)
         session = self._session_of(record)
         if session is not None:
             session.submit(action)
             return parse.ok_body(action, record.call_sid)
         if record.owner != self._registry.instance_id and await self._registry.owner_alive(record.owner):
-            return await self._route(record, payload)
+            try:
+                return await self._route(record, payload)
+            except OwnerGone:
+                # Nobody listens for it: the process died, before its heartbeat expired.
+                log.warning("owner_gone", call_sid=record.call_sid, owner=record.owner)
         return await self._act_without_owner(record, action)
 
     async def _route(self, record: CallRecord, payload: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +79,13 @@ class ControlService:
         return reply["body"]
 
     async def handle_routed(self, request: dict[str, Any]) -> dict[str, Any]:
-        """A control request another instance forwarded to us, the call's owner."""
+        """A control request another instance forwarded to us, the call's owner; or, from the
+        instance a moved call's new stream reached, the request to let that call go."""
+        if "release" in request:
+            released = self._sessions.get(str(request["release"]))
+            if released is not None and not released.done:
+                await released.release()
+            return {"status": 200, "body": {"ok": True}}
         session = self._sessions.get(request.get("call_sid", ""))
         try:
             if session is None:

@@ -8,8 +8,10 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.registry.base import (
+    LIVE_TTL_S,
     RINGING_TTL_S,
     CallRecord,
+    OwnerGone,
     RouteHandler,
     SessionRegistry,
     new_instance_id,
@@ -51,6 +53,7 @@ class MemoryRegistry(SessionRegistry):
         self._calls: dict[str, tuple[CallRecord, float]] = {}
         self._tokens: dict[str, str] = {}
         self._rates = RateWindows()
+        self._streams: dict[str, float] = {}  # claimed stream references -> until when
         self._handler: RouteHandler | None = None
 
     async def start(self, handler: RouteHandler) -> None:
@@ -85,28 +88,39 @@ class MemoryRegistry(SessionRegistry):
         record = None if call_sid is None else await self.get(call_sid)
         return record if record is not None and record.token_hash == token_hash else None
 
-    async def set_state(self, call_sid: str, state: str) -> None:
+    async def update(self, call_sid: str, **fields: Any) -> None:
         entry = self._calls.get(call_sid)
         if entry is not None:
-            entry[0].state = state
+            for name, value in fields.items():
+                setattr(entry[0], name, value)
 
     async def refresh(self, call_sid: str, ttl_s: float) -> None:
         entry = self._calls.get(call_sid)
         if entry is not None:
             self._calls[call_sid] = (entry[0], time.monotonic() + ttl_s)
 
-    async def delete(self, call_sid: str, token_hash: str | None = None) -> None:
+    async def delete(self, call_sid: str, session_hash: str | None = None) -> None:
         entry = self._calls.get(call_sid)
-        if token_hash is not None and entry is not None and entry[0].token_hash != token_hash:
-            self._tokens.pop(token_hash, None)  # the old token, not the newer session's record
-            return
+        if session_hash is not None and entry is not None and entry[0].session_hash != session_hash:
+            return  # a newer session of the call has it now (and keeps its control token)
         self._forget(call_sid)
+
+    async def claim_stream(self, session_hash: str) -> bool:
+        now = time.monotonic()
+        if len(self._streams) >= MAX_RATE_KEYS:
+            self._streams = {h: t for h, t in self._streams.items() if t > now}
+        if self._streams.get(session_hash, 0.0) > now:
+            return False
+        self._streams[session_hash] = now + LIVE_TTL_S
+        return True
 
     async def owner_alive(self, instance_id: str) -> bool:
         return instance_id == self.instance_id
 
     async def route(self, owner: str, request: dict[str, Any]) -> dict[str, Any] | None:
-        if owner != self.instance_id or self._handler is None:
+        if owner != self.instance_id:
+            raise OwnerGone(owner)
+        if self._handler is None:
             return None
         return await self._handler(request)
 

@@ -71,6 +71,7 @@ class AgentBehaviour:
     send_custom: bool = True
     ack_delay_s: float = 0.0
     refuse_status: int = 0  # answer the upgrade with this HTTP status instead
+    refuse_first: int = 0  # answer this many upgrades 429 (busy), then accept
     never_ack: bool = False
     continuous: bool = False  # talk without end (benchmarks): 20 ms chunks at real time
     pace: float = 2.0  # send speech this many times faster than real time
@@ -135,6 +136,8 @@ class AgentEmulator:
         self.behaviour = behaviour or AgentBehaviour()
         self.api_key = api_key
         self.calls: list[AgentCall] = []
+        self.refused = 0  # upgrades answered with an error status
+        self._sockets: dict[int, ServerConnection] = {}  # id(call) -> its socket, while open
         self._server: Server | None = None
         self.url = ""
 
@@ -154,8 +157,9 @@ class AgentEmulator:
             yield self
 
     def _check_request(self, connection: ServerConnection, request: Any) -> Any:
-        if self.behaviour.refuse_status:
-            return connection.respond(self.behaviour.refuse_status, "refused by the emulator\n")
+        if self.behaviour.refuse_status or self.refused < self.behaviour.refuse_first:
+            self.refused += 1
+            return connection.respond(self.behaviour.refuse_status or 429, "refused by the emulator\n")
         if not request.path.startswith("/agents/stream/"):
             return connection.respond(404, "no such agent path\n")
         if self.api_key and not self._authorised(request.headers):
@@ -173,9 +177,25 @@ class AgentEmulator:
                 await asyncio.sleep(0.01)
         return self.calls[index]
 
+    def drop(self, call: AgentCall, code: int | None = None, reason: str = "") -> None:
+        """The agent's side of `call` goes away mid-call: with a close `code`, or (None) with
+        no close frame at all, as a crashed process or a network cut."""
+        ws = self._sockets.get(id(call))
+        if ws is None:
+            return
+        if code is None:
+            ws.transport.abort()
+        else:
+            asyncio.get_running_loop().create_task(ws.close(code, reason))
+
+    def live_sockets(self) -> int:
+        """Agent sessions open right now."""
+        return len(self._sockets)
+
     async def _handle(self, ws: ServerConnection) -> None:
         call = AgentCall(path=ws.request.path, headers=dict(ws.request.headers.raw_items()))
         self.calls.append(call)
+        self._sockets[id(call)] = ws
         talk = _Talker(ws, self.behaviour, call)
         try:
             first = orjson.loads(await ws.recv())
@@ -194,11 +214,16 @@ class AgentEmulator:
             await ws.send(_text(self._ack(first, stream_id)))
             for raw in self.behaviour.extra_frames:
                 await ws.send(raw)
+            resumed = bool(call.metadata.get("resumed"))
             if self.behaviour.send_custom:
-                await ws.send(
-                    _text({"event": "custom", "stream_id": stream_id, "metadata": {"greeting": True}})
-                )
-            talk.say(GREETING_HZ, self.behaviour.greeting_s, continuous=self.behaviour.continuous)
+                # Its own state, as a Line agent would keep it: how many sessions it has had.
+                state = {
+                    "greeting": True,
+                    "sessions": int(call.metadata.get("agent_state", {}).get("sessions", 0)) + 1,
+                }
+                await ws.send(_text({"event": "custom", "stream_id": stream_id, "metadata": state}))
+            if not resumed or self.behaviour.continuous:  # a resumed session does not greet again
+                talk.say(GREETING_HZ, self.behaviour.greeting_s, continuous=self.behaviour.continuous)
             idle = asyncio.create_task(self._close_when_idle(ws))
             try:
                 await self._listen(ws, call, talk)
@@ -207,6 +232,7 @@ class AgentEmulator:
         except ConnectionClosed:
             pass
         finally:
+            self._sockets.pop(id(call), None)
             await talk.stop()
             if call.tools:
                 await asyncio.wait(call.tools, timeout=5)

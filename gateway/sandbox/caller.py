@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import re
 import secrets
+import ssl
 import time
 import wave
 from collections import deque
@@ -31,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.version import version as websockets_version
 
 from gateway.audio import MULAW_FRAME_BYTES, SAMPLE_RATE_TELEPHONY, ulaw_to_pcm16
+from gateway.sandbox.flow import TwilioFlow
 from gateway.sandbox.script import CallScript, wav_to_mulaw
 
 SILENCE = b"\xff" * MULAW_FRAME_BYTES
@@ -52,7 +54,7 @@ class _Mark:
     name: str
 
 
-class SimulatedCall:
+class SimulatedCall(TwilioFlow):
     def __init__(
         self,
         gateway_url: str,
@@ -64,8 +66,10 @@ class SimulatedCall:
         to: str = "+15559870002",
         voice_query: str = "",
         extra_form: dict[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.gateway_url = gateway_url.rstrip("/")
+        self.ssl_context = ssl_context  # for an https/wss gateway whose certificate the system does not trust
         self.validator = RequestValidator(auth_token)
         self.account_sid = account_sid
         self.call_sid = call_sid or new_sid("CA")
@@ -94,6 +98,12 @@ class SimulatedCall:
         self.end_reason = ""
         self._queue: deque[bytes | _Mark] = deque()
         self._ws: ClientConnection | None = None
+        self._superseded: ClientConnection | None = None  # ended by a REST update: no TwiML after it
+        self.said: list[str] = []  # what Twilio said to the caller (<Say>)
+        self.carrier_live = lambda: True
+        self.streams_opened = 0
+        self.stream_lost = False  # the stream dropped and nothing has replaced it yet
+        self._documents = 0
         self._seq = 0
         self._chunk = 0
 
@@ -124,7 +134,7 @@ class SimulatedCall:
         sig = self.sign(signed_url, form) if signature is None else signature
         self.t0 = time.monotonic()
         async with (
-            aiohttp.ClientSession() as http,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl_context or True)) as http,
             http.post(self.gateway_url + path, data=form, headers={"X-Twilio-Signature": sig}) as resp,
         ):
             self.twiml = await resp.text()
@@ -137,9 +147,12 @@ class SimulatedCall:
 
     async def post(self, path: str, form: dict[str, str]) -> tuple[int, str]:
         """POST a signed webhook to the gateway, as Twilio does (path may carry a query)."""
-        url = self.gateway_url + path
+        return await self.post_url(self.gateway_url + path, form)
+
+    async def post_url(self, url: str, form: dict[str, str]) -> tuple[int, str]:
+        """POST a signed form to a URL a TwiML document named, as Twilio does."""
         async with (
-            aiohttp.ClientSession() as http,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl_context or True)) as http,
             http.post(url, data=form, headers={"X-Twilio-Signature": self.sign(url, form)}) as resp,
         ):
             return resp.status, await resp.text()
@@ -152,8 +165,9 @@ class SimulatedCall:
         self.twiml = twiml
         self.stream_url = match.group(1)
         self.parameters = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]+)"', twiml))
-        self.ended = asyncio.Event()
-        self.end_reason = ""
+        if self.ended.is_set():  # a new call on this object (tests reuse one); a resume is not
+            self.ended = asyncio.Event()
+            self.end_reason = ""
         self.stream_sid = new_sid("MZ")
         return True
 
@@ -170,7 +184,10 @@ class SimulatedCall:
         sig = self.sign(self.stream_url, {}) if signature is None else signature
         headers = {"X-Twilio-Signature": sig} if sig else {}
         self.stream_sid = stream_sid or self.stream_sid
-        self._ws = await connect(self.stream_url, additional_headers=headers, compression=None, **NO_PROXY)
+        tls = {"ssl": self.ssl_context} if self.ssl_context and self.stream_url.startswith("wss:") else {}
+        self._ws = await connect(
+            self.stream_url, additional_headers=headers, compression=None, **NO_PROXY, **tls
+        )
         await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         await self.send(
             {
@@ -224,20 +241,12 @@ class SimulatedCall:
         if self.ended.is_set():
             return
         self.log("caller hung up")
-        await self.send(
-            {
-                "event": "stop",
-                "sequenceNumber": self._next_seq(),
-                "streamSid": self.stream_sid,
-                "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
-            }
-        )
+        await self.send_stop()
         await self._close("caller hung up")
 
-    async def carrier_update(self, form: dict[str, str]) -> None:
-        """Twilio's REST API updated the call: the stream gets `stop` and ends."""
-        what = "hung up via REST" if form.get("Status") == "completed" else "redirected via REST"
-        self.log(f"call {what}")
+    async def send_stop(self) -> None:
+        """Twilio's `stop`: the stream is over (a hang-up, or a REST update of the call)."""
+        self._superseded = self._ws
         await self.send(
             {
                 "event": "stop",
@@ -246,7 +255,6 @@ class SimulatedCall:
                 "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
             }
         )
-        await self._close(what)
 
     async def _close(self, reason: str) -> None:
         self.end_reason = self.end_reason or reason
@@ -326,9 +334,21 @@ class SimulatedCall:
         )
 
     async def _read(self) -> None:
-        assert self._ws is not None
+        """Read each of the call's streams in turn until the call ends."""
+        while not self.ended.is_set():
+            ws = self._ws
+            assert ws is not None
+            await self._read_socket(ws)
+            if self.ended.is_set():
+                return
+            if self._superseded is not ws and self._ws is ws:
+                await self.after_stream(ws)
+            while self._ws is ws and not self.ended.is_set():  # noqa: ASYNC110 (a REST update replaces it)
+                await asyncio.sleep(0.02)
+
+    async def _read_socket(self, ws: ClientConnection) -> None:
         try:
-            async for data in self._ws:
+            async for data in ws:
                 if isinstance(data, bytes):
                     self.protocol_errors.append("binary frame")
                     continue
@@ -357,10 +377,6 @@ class SimulatedCall:
                     self.protocol_errors.append(f"unknown event {event!r}")
         except ConnectionClosed:
             pass
-        if not self.ended.is_set():
-            self.log("gateway closed the stream")
-            self.end_reason = self.end_reason or "gateway closed the stream"
-            self.ended.set()
 
     def heard_pcm16(self) -> bytes:
         return ulaw_to_pcm16(bytes(self.heard))

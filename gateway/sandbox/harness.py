@@ -40,6 +40,7 @@ class Sandbox:
         call = SimulatedCall(self.url, self.settings.twilio_auth_token, account_sid=ACCOUNT_SID, **kwargs)
         self.calls[call.call_sid] = call
         self.rest.add_call(call.call_sid)
+        call.carrier_live = lambda: self.rest.calls.get(call.call_sid) == "in-progress"
         return call
 
     async def connect_call(self, **kwargs: Any) -> SimulatedCall:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import binascii
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from gateway.events import (
     CallerAudio,
@@ -31,13 +31,15 @@ DTMF_DIGITS = frozenset("0123456789*#ABCD")
 MAX_FRAME_BYTES = 64 * 1024
 
 
-def stream_url(public_url: str) -> str:
-    """The `<Stream url>`: PUBLIC_URL with https -> wss, http -> ws, no query string."""
+def stream_url(public_url: str, call_sid: str) -> str:
+    """The `<Stream url>`: PUBLIC_URL with https -> wss, http -> ws, the call's SID in the path,
+    no query string. Twilio signs the upgrade on this URL, path included (query strings are
+    stripped), so a signature is good for this call's streams only."""
     parts = urlsplit(public_url)
     scheme = {"https": "wss", "http": "ws"}.get(parts.scheme)
     if scheme is None:
         raise ValueError(f"PUBLIC_URL must be http(s), got {public_url!r}")
-    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}{MEDIA_PATH}"
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}{MEDIA_PATH}/{quote(call_sid, safe='')}"
 
 
 def _obj(frame: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -71,10 +73,12 @@ def parse_frame(text: str | bytes) -> CarrierEvent | None:
         payload = _str(media, "payload", "media")
         try:
             binascii.a2b_base64(payload, strict_mode=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or a plain ValueError for non-ASCII text
             raise ProtocolError(f"media.payload is not base64: {exc}") from None
         stamp = media.get("timestamp")
-        return CallerAudio(payload, int(stamp) if isinstance(stamp, str) and stamp.isdigit() else None)
+        # ASCII digits only ("²".isdigit() is true), and not so many that int() refuses them.
+        readable = isinstance(stamp, str) and stamp.isascii() and stamp.isdigit() and len(stamp) <= 18
+        return CallerAudio(payload, int(stamp) if readable else None)
     if event == "mark":
         return PlaybackMark(_str(_obj(frame, "mark"), "name", "mark"))
     if event == "dtmf":

@@ -7,7 +7,7 @@ This is the session's `CallControl`: the session decides when; this module decid
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import urlencode
 
 import structlog
@@ -47,6 +47,14 @@ class Transfers:
 
     async def hangup(self, call_sid: str) -> bool:
         return await self._calls.hangup(call_sid)
+
+    async def fall_back(self, call_sid: str, fallback: Sequence[str]) -> None:
+        kind, argument = fallback[0], fallback[1] if len(fallback) > 1 else ""
+        if kind == "hangup":
+            await self._calls.hangup(call_sid)
+            return
+        caller_id = self._settings.transfer_caller_id
+        await self._calls.redirect(call_sid, twiml.fallback_twiml(kind, argument, caller_id))
 
     def _sip_credentials(self, target: str) -> tuple[str, str] | None:
         if not target.lower().startswith("sip"):

@@ -9,16 +9,26 @@ from urllib.parse import quote
 from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
 
-def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str]) -> str:
-    """Answer a call by streaming it both ways; hang up when the stream ends."""
+def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str], continue_url: str) -> str:
+    """Answer a call by streaming it both ways. When the stream ends with the call still up
+    (Twilio runs what follows `</Connect>` once the server closes the socket), ask the gateway
+    what next: a new stream if the call was moving or its stream dropped, else a hang-up."""
     response = VoiceResponse()
     connect = Connect()
     stream = connect.stream(url=stream_url)
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)
     response.append(connect)
-    response.hangup()
+    response.redirect(continue_url, method="POST")
     return str(response)
+
+
+def fallback_twiml(kind: str, argument: str, caller_id: str = "") -> str:
+    """What a caller gets when the agent cannot be had (AGENT_FALLBACK): `say` a message and
+    hang up, `dial` a person, or `hangup`."""
+    if kind == "dial":
+        return dial_twiml(argument, caller_id)
+    return say_and_hangup_twiml(argument if kind == "say" else "")
 
 
 def dial_twiml(

@@ -122,16 +122,9 @@ class RedisCore(SessionRegistry):
             log.error("registry_record_corrupt", call_sid=call_sid, error=str(exc))
             return None
 
-    async def _delete_keys(self, call_sid: str, token_hash: str | None) -> None:
-        """Delete the call's keys; with our `token_hash`, only while the record carries it (a
-        stream handed over to another instance leaves that instance's record alone)."""
-        if token_hash is not None:
-            keys = [self._call_key(call_sid), self._token_key(token_hash)]
-            if not await self._forget_script(keys=keys, args=[token_hash]):
-                log.info("registry_call_moved", call_sid=call_sid, kept="the new owner's record")
-            return
-        record = self._decode(await self._redis.get(self._call_key(call_sid)), call_sid)
-        keys = [self._call_key(call_sid)]
-        if record is not None:
-            keys.append(self._token_key(record.token_hash))
-        await self._redis.delete(*keys)
+    async def _delete_keys(self, call_sid: str, session_hash: str | None) -> None:
+        """Delete the call's record and token keys; with a `session_hash`, only while the record
+        carries it (a stream moved to another instance leaves that instance's record alone)."""
+        keys, args = [self._call_key(call_sid)], [session_hash or "", self._token_key("")]
+        if not await self._forget_script(keys=keys, args=args):
+            log.info("registry_call_moved", call_sid=call_sid, kept="the new owner's record")

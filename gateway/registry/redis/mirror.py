@@ -48,7 +48,9 @@ class _Owned:
 class MirrorMixin(RedisCore):
     _mirror: dict[str, _Owned]
     _mirror_tokens: dict[str, str]  # token_hash -> call_sid, for mirrored records
-    _tombstones: dict[str, str | None]  # call_sid -> token_hash (None: look it up)
+    # call_sid -> (token_hash, session_hash) of a deferred delete; session_hash None: whatever
+    # record is there
+    _tombstones: dict[str, tuple[str | None, str | None]]
     _version: int
 
     # Mirror of owned records
@@ -76,10 +78,11 @@ class MirrorMixin(RedisCore):
         self._version += 1
         return self._version
 
-    def _tombstone(self, call_sid: str, token_hash: str | None) -> None:
+    def _tombstone(self, call_sid: str, token_hash: str | None, session_hash: str | None) -> None:
         if call_sid not in self._tombstones and len(self._tombstones) >= MAX_TOMBSTONES:
             del self._tombstones[next(iter(self._tombstones))]  # its keys expire by TTL anyway
-        self._tombstones[call_sid] = token_hash or self._tombstones.get(call_sid)
+        previous = self._tombstones.get(call_sid, (None, None))
+        self._tombstones[call_sid] = (token_hash or previous[0], session_hash or previous[1])
 
     def _known_locally(self, call_sid: str | None) -> tuple[bool, CallRecord | None]:
         """What this instance knows without Redis: the records it owns and those it deleted."""
@@ -94,7 +97,7 @@ class MirrorMixin(RedisCore):
     def _local_sid(self, token_hash: str) -> str | None:
         call_sid = self._mirror_tokens.get(token_hash)
         if call_sid is None and self._tombstones:
-            call_sid = next((sid for sid, th in self._tombstones.items() if th == token_hash), None)
+            call_sid = next((sid for sid, (th, _) in self._tombstones.items() if th == token_hash), None)
         return call_sid
 
     async def _lost_our_keys(self) -> bool:
@@ -146,6 +149,9 @@ class MirrorMixin(RedisCore):
         if not self._healthy or previous is None:
             await self._resync(was_healthy=self._healthy)
             await self._redis.set(heartbeat, "1", px=_ms(self.heartbeat_ttl_s))
+        # Listed among the instances only once its heartbeat key is there: a survivor takes the
+        # calls of a listed instance without one (registry/redis/takeover.py).
+        await self._redis.sadd(f"{self._prefix}instances", self.instance_id)
 
     async def _resync(self, *, was_healthy: bool) -> None:
         """Write every owned record (remaining TTL) and replay deferred deletes."""
@@ -158,10 +164,10 @@ class MirrorMixin(RedisCore):
                 for sid, e in self._mirror.items()
             ]
             graves = dict(self._tombstones)
-            for call_sid, token_hash in graves.items():
+            for call_sid, grave in graves.items():
                 if call_sid not in self._mirror:
-                    await self._delete_keys(call_sid, token_hash)
-                if call_sid in self._tombstones and self._tombstones[call_sid] == token_hash:
+                    await self._delete_keys(call_sid, grave[1])
+                if self._tombstones.get(call_sid) == grave:
                     del self._tombstones[call_sid]
             pipe = self._redis.pipeline(transaction=False)
             for _, _, record, remaining, _ in snapshot:
@@ -173,7 +179,7 @@ class MirrorMixin(RedisCore):
                 if not restored:
                     self._moved(call_sid, entry)
                 elif entry is None:
-                    await self._delete_keys(call_sid, record.token_hash)
+                    await self._delete_keys(call_sid, record.session_hash)
                 elif entry.version != version:
                     pipe = self._redis.pipeline(transaction=True)
                     await self._queue_restore(pipe, entry.record, entry.remaining_s(time.monotonic()))
@@ -193,9 +199,9 @@ class MirrorMixin(RedisCore):
 
     async def _queue_restore(self, pipe: Any, record: CallRecord, remaining_s: float) -> None:
         """Write back a record we own, unless the call has another owner now (its record carries
-        another token: the stream was handed over, or a ringing call's media landed elsewhere)."""
+        another session_hash: the stream moved, or a ringing call's media landed elsewhere)."""
         keys = [self._call_key(record.call_sid), self._token_key(record.token_hash)]
-        args = [self._encode(record), record.token_hash, _ms(remaining_s), record.call_sid]
+        args = [self._encode(record), record.session_hash, _ms(remaining_s), record.call_sid]
         await self._restore_script(keys=keys, args=args, client=pipe)  # queued, run by execute()
 
     def _moved(self, call_sid: str, entry: _Owned | None) -> None:

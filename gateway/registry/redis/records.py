@@ -1,4 +1,4 @@
-"""Call records: put, get, by_token, set_state, refresh, delete.
+"""Call records: put, get, by_token, update, refresh, delete.
 
 Records this instance owns are mirrored (see `mirror`): their writes are deferred while Redis is
 down, and their reads are answered from memory. Records owned elsewhere live only in Redis.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import orjson
 from redis.exceptions import WatchError
@@ -97,26 +98,28 @@ class RecordsMixin(MirrorMixin):
         # A replaced token may outlive its record's new token for a moment: never answer for it.
         return record if record is not None and record.token_hash == token_hash else None
 
-    async def set_state(self, call_sid: str, state: str) -> None:
+    async def update(self, call_sid: str, **fields: Any) -> None:
         entry = self._mirrored(call_sid)
         try:
             if entry is not None:
-                entry.record.state = state
+                expected = entry.record.session_hash  # ours, before a resume gives it a new one
+                for name, value in fields.items():
+                    setattr(entry.record, name, value)
                 entry.version = self._next_version()
                 if self._deferring():
                     return
                 record = entry.record
                 async with asyncio.timeout(OP_TIMEOUT_S):
-                    keys, args = [self._call_key(call_sid)], [self._encode(record), record.token_hash]
+                    keys, args = [self._call_key(call_sid)], [self._encode(record), expected]
                     if await self._rewrite_script(keys=keys, args=args) == -1:
                         self._moved(call_sid, entry)
             else:
                 async with asyncio.timeout(OP_TIMEOUT_S):
-                    await self._set_state_remote(call_sid, state)
+                    await self._update_remote(call_sid, fields)
         except _UNREACHABLE as exc:
-            self._write_failed("set_state", call_sid, exc, deferred=entry is not None)
+            self._write_failed("update", call_sid, exc, deferred=entry is not None)
 
-    async def _set_state_remote(self, call_sid: str, state: str) -> None:
+    async def _update_remote(self, call_sid: str, fields: dict[str, Any]) -> None:
         """Rewrite a record someone else owns, keeping its TTL, unless it changed under us."""
         key = self._call_key(call_sid)
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -127,7 +130,7 @@ class RecordsMixin(MirrorMixin):
                     if raw is None:
                         return
                     data = orjson.loads(raw)
-                    data["state"] = state
+                    data.update(fields)
                     pipe.multi()
                     pipe.set(key, orjson.dumps(data), xx=True, keepttl=True)
                     await pipe.execute()
@@ -159,17 +162,18 @@ class RecordsMixin(MirrorMixin):
         except _UNREACHABLE as exc:
             self._write_failed("refresh", call_sid, exc, deferred=entry is not None)
 
-    async def delete(self, call_sid: str, token_hash: str | None = None) -> None:
+    async def delete(self, call_sid: str, session_hash: str | None = None) -> None:
         entry = self._mirror.get(call_sid)
-        if token_hash is None or (entry is not None and entry.record.token_hash == token_hash):
+        token_hash = None
+        if session_hash is None or (entry is not None and entry.record.session_hash == session_hash):
             entry = self._unmirror(call_sid)  # ours to forget (a newer session's stays)
-            token_hash = entry.record.token_hash if entry is not None else token_hash
+            token_hash = entry.record.token_hash if entry is not None else None
         if self._deferring():
-            self._tombstone(call_sid, token_hash)
+            self._tombstone(call_sid, token_hash, session_hash)
             return
         try:
             async with asyncio.timeout(OP_TIMEOUT_S):
-                await self._delete_keys(call_sid, token_hash)
+                await self._delete_keys(call_sid, session_hash)
         except _UNREACHABLE as exc:
-            self._tombstone(call_sid, token_hash)
+            self._tombstone(call_sid, token_hash, session_hash)
             self._write_failed("delete", call_sid, exc, deferred=True)

@@ -25,6 +25,7 @@ from gateway.registry.redis.core import (
 from gateway.registry.redis.rates import RATE_SCRIPT, RatesMixin
 from gateway.registry.redis.records import RecordsMixin
 from gateway.registry.redis.routing import RoutingMixin
+from gateway.registry.redis.takeover import TakeoverMixin
 
 SOCKET_TIMEOUT_S = 1.5
 CONNECT_TIMEOUT_S = 1.0
@@ -35,7 +36,7 @@ MAX_CONNECTIONS = 32
 MAX_BLOCKING_CONNECTIONS = 64
 
 
-class RedisRegistry(RecordsMixin, RoutingMixin, RatesMixin):
+class RedisRegistry(RecordsMixin, RoutingMixin, RatesMixin, TakeoverMixin):
     def __init__(self, url: str, instance_id: str | None = None, *, key_prefix: str = "lgw:") -> None:
         self.instance_id = instance_id or new_instance_id()
         self._prefix = key_prefix
@@ -70,6 +71,7 @@ class RedisRegistry(RecordsMixin, RoutingMixin, RatesMixin):
         self._forget_script = self._redis.register_script(FORGET_SCRIPT)
         self._rewrite_script = self._redis.register_script(REWRITE_SCRIPT)
         self._local_rates = RateWindows()
+        self._local_claims = RateWindows()
 
         self._mirror = {}
         self._mirror_tokens = {}
@@ -122,6 +124,7 @@ class RedisRegistry(RecordsMixin, RoutingMixin, RatesMixin):
         try:
             async with asyncio.timeout(1.0):
                 await self._redis.delete(self._instance_key(self.instance_id))
+                await self._redis.srem(self._instances_key(), self.instance_id)  # left, not dead
         except _UNREACHABLE as exc:
             log.warning("registry_heartbeat_not_removed", instance=self.instance_id, error=str(exc))
         for client in (self._redis, self._blocking, self._sub_client):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.registry.base import RouteHandler
+from gateway.registry.base import OwnerGone, RouteHandler
 from gateway.registry.redis.core import (
     _UNREACHABLE,
     BACKOFF_MAX_S,
@@ -64,8 +64,9 @@ class RoutingMixin(RedisCore):
             async with asyncio.timeout_at(deadline + 0.5):
                 receivers = await self._redis.publish(self._route_channel(owner), message)
                 if not receivers:
+                    # Its subscription is gone with its connection: the process has died.
                     log.info("route_no_listener", owner=owner)
-                    return None
+                    raise OwnerGone(owner)
                 remaining = deadline - loop.time()
                 if remaining < 0.01:
                     return None

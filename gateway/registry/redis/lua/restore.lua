@@ -1,13 +1,13 @@
--- Restore a record this instance owns, unless another instance has taken the call since
--- (the record there carries another control token): a stream handed over to a new instance
--- must keep that instance's record and token.
+-- Restore a record this instance owns, unless another session of the call has taken it since
+-- (the record there carries another session_hash): a stream moved to a new instance must keep
+-- that instance's record.
 -- KEYS[1] the call's key, KEYS[2] its token's key
--- ARGV[1] the record (JSON), ARGV[2] its token_hash, ARGV[3] the TTL in ms, ARGV[4] the call SID
+-- ARGV[1] the record (JSON), ARGV[2] its session_hash, ARGV[3] the TTL in ms, ARGV[4] the call SID
 -- Returns 1 when written, 0 when the call is another instance's now.
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, record = pcall(cjson.decode, current)
-  if ok and type(record) == 'table' and record['token_hash'] ~= ARGV[2] then
+  if ok and type(record) == 'table' and record['session_hash'] ~= ARGV[2] then
     return 0
   end
 end
