@@ -12,6 +12,7 @@ from websockets.exceptions import InvalidStatus
 from gateway.carriers.twilio.rest import TwilioCalls, TwilioRestError
 from gateway.metrics import Metrics
 from gateway.sandbox.agent import AgentBehaviour
+from gateway.sandbox.caller import NO_PROXY
 from gateway.sandbox.harness import sandbox
 from gateway.sandbox.script import CallScript
 from gateway.sandbox.servers import free_port
@@ -153,7 +154,7 @@ async def test_forged_signatures_are_counted_by_path():
         assert await call.dial(signature="") == 403
         assert await call.dial() == 200
         with pytest.raises(InvalidStatus):
-            await connect(call.stream_url, additional_headers={"X-Twilio-Signature": "x"}, proxy=None)
+            await connect(call.stream_url, additional_headers={"X-Twilio-Signature": "x"}, **NO_PROXY)
         _, _, samples = await scrape(box.url)
     assert value(samples, "gateway_signature_rejections_total", path="/twilio/voice") == 2
     assert value(samples, "gateway_signature_rejections_total", path="/twilio/media") == 1

@@ -11,7 +11,8 @@ from typing import Any
 
 import uvicorn
 
-from gateway.ws_protocol import FastPathWebSocketProtocol
+from gateway.http_deadlines import with_header_deadline
+from gateway.ws_select import server_ws_protocol
 
 # The gateway's own limit on a WebSocket message: Twilio frames are ~300 bytes, so 64 KiB
 # leaves room for `start` with large custom parameters and refuses anything absurd.
@@ -48,13 +49,15 @@ def uvicorn_config(app: Any, host: str, port: int, **overrides: Any) -> uvicorn.
         "port": port,
         "log_config": None,  # structlog owns logging
         "access_log": False,
-        "ws": FastPathWebSocketProtocol,
+        "ws": server_ws_protocol(),  # the fast path, or uvicorn's own if it would not fit
         "ws_max_size": WS_MAX_SIZE,
         "ws_ping_interval": None,  # Twilio does not answer pings; its stream has its own liveness
         "timeout_graceful_shutdown": 10,
         "lifespan": "on",
     }
     options.update(overrides)
+    # Whichever HTTP implementation is picked (cli picks httptools), headers get a deadline.
+    options["http"] = with_header_deadline(options.get("http", "auto"))
     return uvicorn.Config(app, **options)
 
 
