@@ -148,8 +148,10 @@ class AgentSide:
     async def _agent_left(self, code: int | None, reason: str | None) -> None:
         self.agent_gone = True
         self._agent_left_event.set()
-        if self.busy_leaving:
-            return  # we are ending or transferring; the inbox task finishes the call
+        if self.busy_leaving or self.released:
+            # We are ending or transferring (the inbox task finishes the call), or the call
+            # lives on another instance now: nothing here may hang it up.
+            return
         if ended_by_agent(code, reason):
             self.log.info("agent_ended_call", reason=reason)
             await self._transition(State.ENDING, cause="agent_ended_call")
