@@ -37,6 +37,7 @@ class AgentSide:
     _bridge: Bridge
     _link: AgentLink
     _fallback: list[str]
+    _resume_reason: str
     _metrics: CallMetrics | None
     _emit: EventSink
     _live_since: float | None
@@ -63,7 +64,7 @@ class AgentSide:
     # The agent's side
 
     async def _connect_and_downlink(self) -> None:
-        reason = self.record.resume_reason  # why this session resumes the call ("" a new call)
+        reason = self._resume_reason
         while True:
             agent = await self._link.connect(reason)
             if agent is None:

@@ -64,6 +64,7 @@ class Session(CallerSide, AgentSide):
         fallback: Sequence[str] = ("hangup", ""),
         max_reconnects: int = 3,
         resume_grace_s: float = 10.0,
+        resume_reason: str = "",
         metrics: CallMetrics | None = None,
     ) -> None:
         self.record = record
@@ -98,6 +99,7 @@ class Session(CallerSide, AgentSide):
         self._metrics = metrics
         self._fallback = list(record.fallback or fallback)
         self._resume_grace_s = resume_grace_s
+        self._resume_reason = resume_reason  # why this session resumes the call ("" a new call)
         self._new_stream = asyncio.Event()  # a new stream adopted, or the call taken elsewhere
         self.moving = False  # we closed the stream so that Twilio brings the call back elsewhere
         self.released = False  # another instance has the call now: end here, touch nothing

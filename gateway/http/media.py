@@ -117,7 +117,6 @@ class MediaSocket:
         record.owner = gw.registry.instance_id
         resume_reason, record.resume_reason = record.resume_reason, ""
         await gw.registry.put(record, LIVE_TTL_S)
-        record.resume_reason = resume_reason  # for this session's agent only
         session = Session(
             record,
             registry=gw.registry,
@@ -132,6 +131,7 @@ class MediaSocket:
             fallback=settings.agent_fallback,
             max_reconnects=settings.agent_reconnects,
             resume_grace_s=settings.stream_resume_grace_s,
+            resume_reason=resume_reason,
             metrics=gw.metrics,
         )
         if settings.record_calls and "transfer_failed" not in record.metadata and not resume_reason:
